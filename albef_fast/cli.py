@@ -1,0 +1,97 @@
+"""`albef-fast` command line.
+
+    albef-fast pretrain [--config configs/NAME.yaml | demo] [key.sub=value ...]
+    albef-fast eval-retrieval --checkpoint runs/demo/checkpoint-latest.pt [--data eval.json] [key.sub=value ...]
+    albef-fast print-config [--config ...] [key.sub=value ...]
+
+With no --config, `pretrain` runs the embedded default (`demo`): albef_tiny on the generated scene
+data, about ten minutes on a 2-core CPU, with zero-shot retrieval before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="albef-fast", description="ALBEF pretraining and evaluation")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("pretrain", "train with the ITC + ITM + MLM objectives"),
+                        ("print-config", "print the fully resolved config as YAML")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", default="demo", help="YAML file or run preset name (default: demo)")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4 data.batch_size=48")
+    e = sub.add_parser("eval-retrieval", help="zero-shot image-text retrieval (ITC ranking, ITM re-rank of top k)")
+    e.add_argument("--checkpoint", required=True, help="checkpoint written by `albef-fast pretrain`")
+    e.add_argument("--data", default=None, help="retrieval JSON (default: the run's eval file)")
+    e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k_test=256 device=cuda")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from albef_fast.config import load_config, to_dict
+
+    try:
+        if args.command == "eval-retrieval":
+            return _eval_retrieval(args)
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"albef-fast: error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "print-config":
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+
+    from albef_fast.eval.retrieval import format_recalls
+    from albef_fast.train.loop import train
+
+    try:
+        summary = train(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"albef-fast: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"trained {summary.steps} steps; outputs in {summary.output_dir} "
+          f"(metrics.jsonl, losses.png, checkpoint-latest.pt)")
+    if summary.retrieval_before:
+        print(f"  before: {format_recalls(summary.retrieval_before)}")
+    if summary.retrieval_after:
+        print(f"  after:  {format_recalls(summary.retrieval_after)}")
+    return 0
+
+
+def _eval_retrieval(args: argparse.Namespace) -> int:
+    import torch
+
+    from albef_fast.config import from_dict, parse_overrides, _merge
+    from albef_fast.eval.retrieval import evaluate_retrieval_file, format_recalls
+    from albef_fast.models.albef import ALBEF
+    from albef_fast.models.presets import get_preset
+    from albef_fast.task import PretrainTask
+    from albef_fast.train.checkpoint import load_checkpoint
+    from albef_fast.train.loop import autocast_for, resolve_data_files, resolve_device
+
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    cfg = _merge(from_dict(state["config"]), parse_overrides(args.overrides))
+    overrides = {"image_size": cfg.model.image_size} if cfg.model.image_size else {}
+    model_cfg = get_preset(cfg.model.preset, **overrides)
+    task = PretrainTask(ALBEF(model_cfg), queue_size=cfg.loss.queue_size, momentum=cfg.loss.momentum)
+    load_checkpoint(args.checkpoint, task, restore_rng=False)
+    data = args.data or resolve_data_files(cfg, model_cfg.image_size)[1]
+    if not data:
+        raise ValueError("no retrieval data: pass --data eval.json (ALBEF format, a caption list per image)")
+    device = resolve_device(cfg.device)
+    result = evaluate_retrieval_file(task.model.to(device), data, image_size=model_cfg.image_size,
+                                     k_test=cfg.eval.k_test, batch_size=cfg.eval.batch_size, device=device,
+                                     autocast=autocast_for(cfg.precision, device))
+    print(format_recalls(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The ALBEF model: encoders, projection heads, ITM head and temperature. It computes and returns
+tensors; it holds no losses and changes no state (the task and the training loop do that)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from albef_fast.models.presets import ModelConfig
+from albef_fast.models.text import FusionEncoder, MlmHead, TextEncoder, init_bert_weights
+from albef_fast.models.vision import build_vision_encoder, encode_image
+
+TEMP_MIN, TEMP_MAX = 0.001, 0.5
+
+# Submodules that have a momentum (EMA) twin, as ALBEF's model_pairs: the visual encoder, vision_proj,
+# the whole BERT with its MLM head, and text_proj. itm_head and temp have none.
+MOMENTUM_MODULES = ("visual_encoder", "vision_proj", "text_encoder", "fusion_encoder", "mlm_head", "text_proj")
+
+
+class ALBEF(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.visual_encoder = build_vision_encoder(config)
+        self.vision_proj = nn.Linear(config.vision_width, config.embed_dim)
+        self.text_encoder = TextEncoder(config)
+        self.fusion_encoder = FusionEncoder(config)
+        self.mlm_head = MlmHead(config, self.text_encoder.embeddings.word_embeddings)
+        self.text_proj = nn.Linear(config.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(config.temp))
+        for module in (self.text_encoder, self.fusion_encoder, self.mlm_head, self.itm_head):
+            module.apply(init_bert_weights)
+        for proj in (self.vision_proj, self.text_proj):  # ALBEF: timm-style trunc_normal / BERT-style normal
+            nn.init.trunc_normal_(proj.weight, std=0.02)
+            nn.init.zeros_(proj.bias)
+
+    # --- unimodal encoders ------------------------------------------------------------------------
+    def encode_image(self, image: Tensor) -> Tensor:
+        """(B, 3, H, W) float -> (B, 1 + P, vision_width) token embeddings."""
+        return encode_image(self.visual_encoder, image)
+
+    def image_feature(self, image_embeds: Tensor) -> Tensor:
+        """(B, 1 + P, vision_width) -> (B, embed_dim) fp32, L2-normalised projection of [CLS]."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0]).float(), dim=-1)
+
+    def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """ids, mask: (B, L) int64 -> (B, L, hidden): layers [0, text_layers), no image."""
+        return self.text_encoder(ids, mask)
+
+    def text_feature(self, text_embeds: Tensor) -> Tensor:
+        """(B, L, hidden) -> (B, embed_dim) fp32, L2-normalised projection of [CLS]."""
+        return F.normalize(self.text_proj(text_embeds[:, 0]).float(), dim=-1)
+
+    # --- multimodal ------------------------------------------------------------------------------
+    def fuse(self, text_embeds: Tensor, mask: Tensor, image_embeds: Tensor) -> Tensor:
+        """Fusion layers over text tokens with cross-attention to image tokens -> (B, L, hidden)."""
+        return self.fusion_encoder(text_embeds, mask, image_embeds)
+
+    def itm_logits(self, fused: Tensor) -> Tensor:
+        """(B, L, hidden) fused sequence -> (B, 2) match logits from [CLS]; class 1 = match."""
+        return self.itm_head(fused[:, 0])
+
+    # --- momentum twin ---------------------------------------------------------------------------
+    def momentum_copy(self) -> "ALBEF":
+        """An fp32 copy of MOMENTUM_MODULES with requires_grad=False (no itm_head, no temp). The tied
+        MLM decoder stays tied in the copy."""
+        twin = copy.deepcopy(self).float()
+        del twin.itm_head
+        del twin.temp
+        twin.requires_grad_(False)
+        return twin
+
+    @torch.no_grad()
+    def clamp_temp_(self) -> None:
+        self.temp.clamp_(TEMP_MIN, TEMP_MAX)

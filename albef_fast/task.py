@@ -1,0 +1,112 @@
+"""PretrainTask: the ALBEF model, its momentum twin, the feature queues and the three objectives.
+
+`forward(batch, alpha)` computes the losses and changes no state. `after_step(output)` is called once
+after each optimizer step and does everything ALBEF does inside its forward: the EMA update of the
+momentum model, the enqueue of this step's momentum features, and the temperature clamp. ALBEF runs
+the EMA and the clamp at the start of the *next* forward, i.e. after the same optimizer step, so the
+two orders compute the same thing, but this one stays correct under gradient accumulation or a
+second (evaluation) forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from albef_fast.data.batch import Batch
+from albef_fast.models.albef import ALBEF
+from albef_fast.models.queue import FeatureQueues
+from albef_kernels import ema_update_, itc_loss, mlm_loss, sample_hard_negatives
+
+
+@dataclass
+class PretrainOutput:
+    loss: Tensor
+    """() itc_loss + itm_loss + mlm_loss (ALBEF weights each by 1)."""
+    itc_loss: Tensor
+    itm_loss: Tensor
+    mlm_loss: Tensor
+    image_feat_m: Tensor
+    """(B, embed_dim) momentum image features, enqueued by `after_step`."""
+    text_feat_m: Tensor
+    """(B, embed_dim) momentum text features, enqueued by `after_step`."""
+
+
+def itm_loss(logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+    """Cross-entropy over (3B, 2) logits, averaged over the pairs with weight 1. With every pair valid
+    this is ALBEF's plain mean over 3B; pairs whose hard negative does not exist (B = 1) weigh 0."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (ce * weight).sum() / weight.sum()
+
+
+class PretrainTask(nn.Module):
+    def __init__(self, model: ALBEF, *, queue_size: int, momentum: float = 0.995) -> None:
+        super().__init__()
+        self.model = model
+        self.model_m = model.momentum_copy()
+        self.queues = FeatureQueues(queue_size, model.config.embed_dim)
+        self.momentum = momentum
+
+    def forward(self, batch: Batch, alpha: float) -> PretrainOutput:
+        m, mm = self.model, self.model_m
+        ids, mask = batch.text_ids, batch.text_mask
+        B = ids.shape[0]
+
+        # unimodal encoders, online and momentum
+        image_embeds = m.encode_image(batch.image)  # (B, 1+P, Dv)
+        image_feat = m.image_feature(image_embeds)  # (B, E) fp32, unit norm
+        text_embeds = m.encode_text(ids, mask)  # (B, L, D)
+        text_feat = m.text_feature(text_embeds)  # (B, E)
+        with torch.no_grad():
+            image_embeds_m = mm.encode_image(batch.image)  # (B, 1+P, Dv)
+            image_feat_m = mm.image_feature(image_embeds_m)
+            text_feat_m = mm.text_feature(mm.encode_text(ids, mask))
+
+        # ITC: online queries against momentum in-batch keys + queue, soft momentum targets
+        i2t, sim_i2t = itc_loss(image_feat, image_feat_m, text_feat_m, self.queues.text, m.temp, alpha)
+        t2i, sim_t2i = itc_loss(text_feat, text_feat_m, image_feat_m, self.queues.image, m.temp, alpha)
+        loss_itc = (i2t + t2i) / 2
+
+        # ITM: one positive pair per sample plus a hard negative image per text and a hard negative
+        # text per image, drawn from the in-batch similarities; the 3B pairs run as one fusion call.
+        with torch.no_grad():
+            neg_image, valid_t2i = sample_hard_negatives(sim_t2i)  # (B,) image index for each text
+            neg_text, valid_i2t = sample_hard_negatives(sim_i2t)  # (B,) text index for each image
+        texts = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])  # (3B, L, D)
+        masks = torch.cat([mask, mask, mask[neg_text]])
+        images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])  # (3B, 1+P, Dv)
+        itm_logits = m.itm_logits(m.fuse(texts, masks, images))  # (3B, 2)
+        labels = torch.cat([ids.new_ones(B), ids.new_zeros(2 * B)])
+        weight = torch.cat([image_feat.new_ones(B), valid_t2i.float(), valid_i2t.float()])
+        loss_itm = itm_loss(itm_logits, labels, weight)
+
+        # MLM with distillation, on the masked positions only (chosen by the loader)
+        pos, mlm_ids = batch.mlm_positions, batch.mlm_ids
+        with torch.no_grad():
+            h_m = mm.fuse(mm.encode_text(mlm_ids, mask), mask, image_embeds_m)  # (B, L, D)
+            h_m = mm.mlm_head.transform(h_m.flatten(0, 1).index_select(0, pos))  # (M, D)
+        h = m.fuse(m.encode_text(mlm_ids, mask), mask, image_embeds)
+        h = m.mlm_head.transform(h.flatten(0, 1).index_select(0, pos))  # (M, D)
+        loss_mlm = mlm_loss(h, m.mlm_head.weight, m.mlm_head.bias, batch.mlm_labels,
+                            h_m, mm.mlm_head.weight, mm.mlm_head.bias, alpha)
+
+        return PretrainOutput(
+            loss=loss_itc + loss_itm + loss_mlm, itc_loss=loss_itc, itm_loss=loss_itm, mlm_loss=loss_mlm,
+            image_feat_m=image_feat_m, text_feat_m=text_feat_m,
+        )
+
+    def momentum_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(momentum tensors, online tensors), paired by name."""
+        online = dict(self.model.named_parameters())
+        names, params_m = zip(*self.model_m.named_parameters())
+        return list(params_m), [online[n] for n in names]
+
+    @torch.no_grad()
+    def after_step(self, output: PretrainOutput) -> None:
+        """Once per optimizer step, after `optimizer.step()`: EMA, enqueue, temperature clamp."""
+        ema_update_(*self.momentum_pairs(), self.momentum)
+        self.queues.enqueue(output.image_feat_m, output.text_feat_m)
+        self.model.clamp_temp_()

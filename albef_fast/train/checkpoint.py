@@ -1,0 +1,93 @@
+"""Checkpoints of everything that defines a run, written atomically.
+
+One file holds the task (online model, momentum model, queues and pointer), the optimizer, the
+position (step, epoch, batch within the epoch), every RNG state and the resolved config. It is
+written to a temporary name, flushed to disk, then renamed over `checkpoint-latest.pt`: a crash
+never leaves a half-written latest checkpoint. Only tensors and plain Python values are stored, so
+it loads with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "checkpoint-latest.pt"
+FORMAT = "albef-fast/checkpoint-v1"
+
+
+@dataclass
+class RunPosition:
+    step: int = 0
+    """Optimizer steps completed."""
+    epoch: int = 0
+    batch: int = 0
+    """Batches of `epoch` already consumed."""
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"bit_generator": np_state["bit_generator"], "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "cached_gaussian": float(np_state["gauss"])},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"], "state": {"key": n["key"].numpy().astype(np.uint32),
+                         "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["cached_gaussian"]})
+
+
+def save_checkpoint(output_dir: str | Path, task: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    position: RunPosition, config: dict[str, Any]) -> Path:
+    path = Path(output_dir) / LATEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": FORMAT,
+        "task": task.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "position": {"step": position.step, "epoch": position.epoch, "batch": position.batch},
+        "rng": _rng_state(),
+        "config": config,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, task: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    *, restore_rng: bool = True) -> tuple[RunPosition, dict[str, Any]]:
+    """Restore a checkpoint written by `save_checkpoint`; returns the run position and its config."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or corrupt file, or not a checkpoint at all
+        raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise RuntimeError(f"{path} is not an albef-fast checkpoint (format {FORMAT})")
+    task.load_state_dict(state["task"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if restore_rng:
+        _set_rng_state(state["rng"])
+    return RunPosition(**state["position"]), state["config"]

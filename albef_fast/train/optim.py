@@ -1,0 +1,26 @@
+"""AdamW with ALBEF's parameter groups (REFERENCE §3.4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from albef_fast.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay for 1-D tensors and biases, `weight_decay` for everything else. As in ALBEF
+    this decays the 0-d temperature, pos_embed, cls_token and the embedding tables. Frozen tensors
+    (the momentum model) are left out."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    fused = all(p.is_cuda for p in model.parameters())  # one multi-tensor kernel per step on GPU
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                             eps=cfg.eps, fused=fused or None)

@@ -1,0 +1,230 @@
+"""Time one ALBEF training step and break it down by component.
+
+    python benchmarks/bench_train_step.py                          # CPU: albef_tiny and albef_base at batch 2, fp32
+    python benchmarks/bench_train_step.py --preset albef_base --batch 64 --precision bf16   # one GPU
+
+A step = forward (ViT, text, fusion on 3B ITM pairs, MLM, momentum passes) + backward + AdamW +
+after_step (EMA, enqueue, clamp), on synthetic inputs of the pretraining shapes (captions of 8-25
+tokens). The breakdown times each component alone, on the same inputs, synchronised:
+  vision    online ViT forward+backward and momentum ViT forward
+  text      online text layers forward+backward on clean and masked ids, momentum forwards of both
+  fusion    online fusion forward+backward on 3B ITM pairs and on B MLM inputs, momentum MLM forward
+  losses    ITC (both directions), hard-negative sampling, ITM head + CE, MLM transform + vocabulary loss, fwd+bwd
+  ema       the momentum update (one multi-tensor lerp)
+  optimizer AdamW step
+The parts need not add up exactly to the step (kernel overlap, allocator and Python overhead).
+Rows are appended to benchmarks/results/train_step.csv with the device and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from albef_fast.data.batch import Batch  # noqa: E402
+from albef_fast.data.masking import mask_tokens  # noqa: E402
+from albef_fast.models.albef import ALBEF  # noqa: E402
+from albef_fast.models.presets import get_preset  # noqa: E402
+from albef_fast.task import PretrainTask  # noqa: E402
+from albef_fast.train.optim import build_optimizer  # noqa: E402
+from albef_fast.config import OptimConfig  # noqa: E402
+from albef_kernels import itc_loss, mlm_loss, sample_hard_negatives  # noqa: E402
+from albef_fast.task import itm_loss  # noqa: E402
+
+REF_GFLOP_PER_SAMPLE = 289.0  # PERFORMANCE.md §4b, ALBEF-base 256 px, L=25, reference formulation
+
+
+def synthetic_batch(cfg, B: int, L: int, device, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(8, L + 1, (B,), generator=g)
+    lengths[0] = L
+    ids = torch.randint(1000, cfg.vocab_size, (B, L), generator=g)
+    ids[:, 0] = 101
+    mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    ids = ids * mask
+    mlm_ids, selected = mask_tokens(ids, g)
+    pos = selected.flatten().nonzero().squeeze(1)
+    image = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
+    return Batch(image, ids, mask, mlm_ids, pos, ids.flatten()[pos]).to(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, warmup: int, repeat: int) -> float:
+    """Median wall-clock seconds of fn() over `repeat` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench(preset: str, B: int, L: int, device: torch.device, precision: str, warmup: int, repeat: int,
+          queue_size: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    cfg = get_preset(preset)
+    task = PretrainTask(ALBEF(cfg), queue_size=queue_size).to(device).train()
+    opt = build_optimizer(task.model, OptimConfig())
+    batch = synthetic_batch(cfg, B, L, device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    m, mm = task.model, task.model_m
+
+    def step():
+        with amp:
+            out = task(batch, 0.4)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        task.after_step(out)
+
+    def vision():
+        with amp:
+            e = m.encode_image(batch.image)
+            with torch.no_grad():
+                mm.encode_image(batch.image)
+        e.float().sum().backward()
+
+    def text():
+        with amp:
+            e = m.encode_text(batch.text_ids, batch.text_mask) + m.encode_text(batch.mlm_ids, batch.text_mask)
+            with torch.no_grad():
+                mm.encode_text(batch.text_ids, batch.text_mask)
+                mm.encode_text(batch.mlm_ids, batch.text_mask)
+        e.float().sum().backward()
+
+    with torch.no_grad(), amp:
+        img = m.encode_image(batch.image)
+        txt = m.encode_text(batch.text_ids, batch.text_mask)
+        feats = [m.image_feature(img), mm.image_feature(img), m.text_feature(txt), mm.text_feature(txt)]
+        hid = m.fuse(txt, batch.text_mask, img).flatten(0, 1)
+    img3, txt3, mask3 = torch.cat([img] * 3), torch.cat([txt] * 3), torch.cat([batch.text_mask] * 3)
+
+    def fusion():
+        with amp:
+            a = m.fuse(txt3, mask3, img3)
+            b = m.fuse(txt, batch.text_mask, img)
+            with torch.no_grad():
+                mm.fuse(txt, batch.text_mask, img)
+        (a.float().sum() + b.float().sum()).backward()
+
+    def losses():
+        fi, fim, ft, ftm = (f.detach().requires_grad_(i % 2 == 0) for i, f in enumerate(feats))
+        h = hid.detach().requires_grad_()
+        with amp:
+            i2t, s_i2t = itc_loss(fi, fim, ftm, task.queues.text, m.temp, 0.4)
+            t2i, s_t2i = itc_loss(ft, ftm, fim, task.queues.image, m.temp, 0.4)
+            neg_i, v1 = sample_hard_negatives(s_t2i)
+            neg_t, v2 = sample_hard_negatives(s_i2t)
+            cls = h.view(B, L, -1)[:, 0]
+            logits = m.itm_head(torch.cat([cls, cls[neg_i], cls[neg_t]]))
+            w = torch.cat([torch.ones_like(v1, dtype=torch.float), v1.float(), v2.float()])
+            lab = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(device)
+            itm = itm_loss(logits, lab, w)
+            hm = m.mlm_head.transform(h.index_select(0, batch.mlm_positions))
+            mlm = mlm_loss(hm, m.mlm_head.weight, m.mlm_head.bias, batch.mlm_labels, hm.detach(),
+                           mm.mlm_head.weight, mm.mlm_head.bias, 0.4)
+        ((i2t + t2i) / 2 + itm + mlm).backward()
+
+    def ema():
+        from albef_kernels import ema_update_
+
+        ema_update_(*task.momentum_pairs(), 0.995)
+
+    for p in task.model.parameters():  # gradients for the optimizer-only timing
+        p.grad = torch.randn_like(p) * 1e-3
+
+    def optimizer():
+        opt.step()
+
+    result = {}
+    for name, fn in (("vision", vision), ("text", text), ("fusion", fusion), ("losses", losses),
+                     ("ema", ema), ("optimizer", optimizer)):
+        result[name] = timeit(fn, device, warmup, repeat)
+    task.zero_grad(set_to_none=True)
+    result["step"] = timeit(step, device, warmup, repeat)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync(device)
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", nargs="+", default=["albef_tiny", "albef_base"])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--text-len", type=int, default=25)
+    ap.add_argument("--queue-size", type=int, default=65536)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--csv", default=str(ROOT / "benchmarks/results/train_step.csv"))
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    dev_name = f"{dev_name} ({torch.get_num_threads()} threads)" if device.type == "cpu" else dev_name
+    print(f"device: {dev_name}; torch {torch.__version__}; precision {precision}; batch {args.batch}; "
+          f"text length <= {args.text_len}; queue {args.queue_size}; median of {args.repeat} after {args.warmup} warm-up")
+    cols = ["step", "vision", "text", "fusion", "losses", "ema", "optimizer"]
+    print(f"{'preset':<12}" + "".join(f"{c + ' ms':>13}" for c in cols) + f"{'samples/s':>11}{'eff. MFU':>10}{'peak GiB':>10}")
+    rows = []
+    for preset in args.preset:
+        r = bench(preset, args.batch, args.text_len, device, precision, args.warmup, args.repeat, args.queue_size)
+        sps = args.batch / r["step"]
+        mfu = sps * REF_GFLOP_PER_SAMPLE * 1e9 / 989e12 if (preset == "albef_base" and device.type == "cuda") else None
+        print(f"{preset:<12}" + "".join(f"{1e3 * r[c]:>13.2f}" for c in cols) + f"{sps:>11.1f}"
+              + (f"{100 * mfu:>9.1f}%" if mfu else f"{'-':>10}") + f"{r.get('peak_gib', float('nan')):>10.2f}")
+        rows.append({"op": "train_step", "preset": preset, "batch": args.batch, "text_len": args.text_len,
+                     "precision": precision, **{f"{c}_ms": round(1e3 * r[c], 3) for c in cols},
+                     "samples_per_s": round(sps, 2), "peak_gib": round(r.get("peak_gib", float("nan")), 3),
+                     "device": dev_name, "torch": torch.__version__, "git_sha": git_sha(),
+                     "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    if device.type == "cuda":
+        print("eff. MFU: samples/s x 289 GFLOP (reference FLOP count per sample, PERFORMANCE.md §4b) / 989 TFLOP/s "
+              "(dense bf16 datasheet peak)")
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Fused operators of albef-fast, importable as `albef_kernels`.
+
+Each op has a plain PyTorch `<op>_reference` (the test oracle, benchmark baseline and CPU path)
+and a public `<op>` entry point. Today every entry point runs its reference; the Triton paths
+(issue "Triton kernels") slot in behind the same names. This package never imports albef_fast.
+"""
+
+from albef_kernels.ema import ema_update_, ema_update_reference_
+from albef_kernels.hard_negatives import sample_hard_negatives, sample_hard_negatives_reference
+from albef_kernels.itc_loss import itc_loss, itc_loss_reference
+from albef_kernels.mlm_loss import mlm_loss, mlm_loss_reference
+
+__all__ = [
+    "ema_update_",
+    "ema_update_reference_",
+    "itc_loss",
+    "itc_loss_reference",
+    "mlm_loss",
+    "mlm_loss_reference",
+    "sample_hard_negatives",
+    "sample_hard_negatives_reference",
+]

@@ -1,0 +1,49 @@
+"""ALBEF's learning-rate schedule, alpha ramp and parameter groups (REFERENCE §3.4)."""
+
+import pytest
+import torch
+
+from albef_fast.config import LossConfig, OptimConfig
+from albef_fast.models.albef import ALBEF
+from albef_fast.models.presets import get_preset
+from albef_fast.train.optim import param_groups
+from albef_fast.train.schedule import alpha_at, lr_at
+
+
+def test_pretraining_lr_schedule_matches_the_reference():
+    cfg = OptimConfig()  # lr 1e-4, min 1e-5, warmup 1e-5 over 20 steps of 100 iterations, 30 epochs
+    assert lr_at(cfg, 0, 0) == pytest.approx(1e-5)
+    assert lr_at(cfg, 0, 100) == pytest.approx(1e-5)  # the step taken after iteration 100 applies from 101
+    assert lr_at(cfg, 0, 101) == pytest.approx(1.45e-5)
+    assert lr_at(cfg, 0, 1050) == pytest.approx(1e-5 + 10 * 4.5e-6)
+    assert lr_at(cfg, 0, 2000) == pytest.approx(1e-5 + 19 * 4.5e-6)
+    assert lr_at(cfg, 0, 2001) == pytest.approx(1e-4)
+    assert lr_at(cfg, 0, 50_000) == pytest.approx(1e-4)
+    assert lr_at(cfg, 1, 0) == pytest.approx(9.975e-5, rel=1e-4)
+    assert lr_at(cfg, 29, 123) == pytest.approx(1.025e-5, rel=1e-3)
+    assert lr_at(cfg, 30, 0) == pytest.approx(1e-5)
+
+
+def test_alpha_ramps_over_the_first_epoch_only():
+    cfg = LossConfig()
+    assert alpha_at(cfg, 0, 0, 100) == 0.0
+    assert alpha_at(cfg, 0, 50, 100) == pytest.approx(0.2)
+    assert alpha_at(cfg, 1, 0, 100) == pytest.approx(0.4)
+    assert alpha_at(LossConfig(alpha_warmup=False), 0, 0, 100) == pytest.approx(0.4)
+
+
+def test_param_groups_follow_albef():
+    """1-D tensors and biases undecayed; temp (0-d), pos_embed, cls_token and embeddings decayed."""
+    model = ALBEF(get_preset("albef_tiny"))
+    decay, no_decay = param_groups(model, 0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert {"temp", "visual_encoder.pos_embed", "visual_encoder.cls_token",
+            "text_encoder.embeddings.word_embeddings.weight"} <= decayed
+    assert {"mlm_head.bias", "itm_head.bias", "text_encoder.embeddings.norm.weight"} <= undecayed
+    assert decayed.isdisjoint(undecayed)
+    assert len(decayed) + len(undecayed) == len(list(model.parameters()))
+    assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+    twin = model.momentum_copy()
+    assert sum(len(g["params"]) for g in param_groups(twin, 0.02)) == 0
