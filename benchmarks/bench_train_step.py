@@ -173,7 +173,7 @@ def bench(preset: str, B: int, L: int, device: torch.device, precision: str, war
 
 def git_sha() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
 

@@ -6,6 +6,7 @@ state, the momentum model and the queues stay fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -114,7 +115,7 @@ def train(cfg: TrainConfig) -> RunSummary:
     elif metrics_path.exists():
         metrics_path.unlink()
 
-    summary = RunSummary(steps=pos.step, output_dir=out_dir, final_metrics={}, data_stats=stats.as_dict())
+    summary = RunSummary(steps=pos.step, output_dir=out_dir, final_metrics={}, data_stats=dataclasses.asdict(stats))
     evaluate = _retrieval_fn(cfg, eval_file, model_cfg.image_size, device)
     if evaluate and cfg.eval.before_training and pos.step == 0:
         summary.retrieval_before = evaluate(task.model, "before training")

@@ -45,7 +45,7 @@ class MetricsLogger:
             return {}
         means = (self.sums / self.count).tolist()  # host sync
         elapsed = time.perf_counter() - self.t0
-        row = {"step": step, **{k: round(v, 5) for k, v in zip(LOSS_KEYS, means)},
+        row = {"step": step, **dict(zip(LOSS_KEYS, means)),
                "samples_per_s": round(self.samples / elapsed, 2), "data_wait": round(self.data_wait / elapsed, 4),
                **extra, "time": round(time.time(), 3)}
         with open(self.path, "a") as f:

@@ -1,5 +1,7 @@
 """Typed config: loading, overrides and the errors a user sees."""
 
+from pathlib import Path
+
 import pytest
 
 from albef_fast.config import TrainConfig, from_dict, load_config, to_dict
@@ -48,3 +50,8 @@ def test_bad_values_are_named(override, message):
 def test_missing_config_file_names_presets():
     with pytest.raises(FileNotFoundError, match=r"neither a file nor a run preset \(\['demo'\]\)"):
         load_config("configs/nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert load_config(path).output_dir.startswith("runs/")

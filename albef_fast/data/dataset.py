@@ -1,0 +1,541 @@
+"""Pretraining data: ALBEF-format caption JSON, a resumable sampler, the dataset, collation, the loader,
+and the retrieval-evaluation item list (REFERENCE §3.2, §4.2).
+
+Reproducibility design. ALBEF draws augmentation, caption choice and MLM masks from global RNGs (numpy
+and torch in the loader workers, the main process's CPU generator for masking), so a step's data depend
+on the worker count and cannot be replayed after a restart. Here the sampler hands out
+``(sample_index, sample_seed)`` pairs, where the seed is a hash of ``(seed, epoch, position in the epoch's
+permutation)``; the dataset derives every random draw of that sample from the seed alone. Hence a given
+(epoch, step) produces bit-identical batches whether the run was interrupted or not and for any
+``num_workers``; `ResumableBatchSampler.set_epoch(epoch, start_batch)` resumes mid-epoch.
+
+Memory design. A 14M-sample list of Python objects in a Dataset is slowly copied into every forked
+worker (reference-count writes defeat copy-on-write). `PretrainDataset` therefore stores image paths and
+captions as UTF-8 bytes in a few numpy arrays (a handful of Python objects in all).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from albef_fast.data.batch import Batch
+from albef_fast.data.captions import PAD_ID, build_tokenizer, pre_caption
+from albef_fast.data.masking import mask_tokens
+from albef_fast.data.transforms import ImageTransform
+
+__all__ = [
+    "EvalItems",
+    "ImageReadError",
+    "LoadStats",
+    "PretrainDataset",
+    "ResumableBatchSampler",
+    "Sample",
+    "build_eval_items",
+    "build_pretrain_loader",
+    "collate",
+    "derive_seed",
+    "load_caption_json",
+]
+
+
+# --------------------------------------------------------------------------------------------- seeds
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a fixed function of `parts` (same value in every process, Python and OS;
+    unlike `hash()`, which is salted per process for strings).
+
+    Args:
+        parts: ints and short string tags, e.g. ("sample", seed, epoch, position).
+    Returns:
+        int in [0, 2**63).
+    """
+    # int() first: numpy 2 integers repr as "np.int64(42)" and would hash differently from 42.
+    canonical = tuple(p if isinstance(p, str) else int(p) for p in parts)
+    digest = hashlib.blake2b(repr(canonical).encode("ascii"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One image with its cleaned captions (at least one, none empty)."""
+
+    image: str
+    """Image path; relative paths of the JSON have been joined to its folder (kept as str: Path objects
+    cost several times the memory at 14M samples)."""
+    captions: tuple[str, ...]
+
+
+@dataclass
+class LoadStats:
+    """What `load_caption_json` kept and dropped, summed over the files."""
+
+    files: int = 0
+    entries: int = 0
+    """JSON entries read."""
+    kept: int = 0
+    """Samples returned."""
+    captions_kept: int = 0
+    empty_captions_dropped: int = 0
+    """Captions that clean to the empty string (e.g. whitespace or punctuation only)."""
+    samples_skipped: int = 0
+    """Entries left with no caption (empty caption list, or every caption empty after cleaning)."""
+
+
+def _read_json_list(path: Path) -> list[Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist (or is not a file)")
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text at byte {e.start}: {e.reason}") from e
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{path}: expected a JSON list of {{'image', 'caption'}} entries, got {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_entry(entry: Any, index: int, path: Path) -> tuple[str, list[str]]:
+    """Validate one ALBEF entry; returns (image, raw captions as a list)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: entry {index} is a {type(entry).__name__}, expected an object")
+    for key in ("image", "caption"):
+        if key not in entry:
+            raise ValueError(f"{path}: entry {index} has no {key!r} key (keys: {sorted(entry)})")
+    image, caption = entry["image"], entry["caption"]
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"{path}: entry {index}: 'image' must be a non-empty string, got {image!r}")
+    if isinstance(caption, str):
+        return image, [caption]
+    if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+        return image, caption
+    raise ValueError(
+        f"{path}: entry {index}: 'caption' must be a string or a list of strings, got {caption!r}"
+    )
+
+
+def _resolve(image: str, root: Path) -> str:
+    p = Path(image)
+    return str(p if p.is_absolute() else root / p)
+
+
+def load_caption_json(
+    paths: Sequence[str | Path], *, max_words: int = 30, image_root: str | Path | None = None
+) -> tuple[list[Sample], LoadStats]:
+    """Read ALBEF pretraining annotation files.
+
+    Each file is a JSON list of ``{"image": str, "caption": str | list[str], ...}`` (extra keys ignored).
+    Captions are cleaned with `pre_caption(c, max_words)`; captions that clean to "" are dropped and
+    counted, and an entry left with no caption is skipped and counted.
+
+    Args:
+        paths: annotation files, read in order.
+        max_words: `pre_caption` word limit (ALBEF: 30).
+        image_root: folder that relative image paths are joined to; default: each JSON file's folder.
+    Returns:
+        samples: one `Sample` per kept entry, in file order.
+        stats: totals over all files.
+    Raises:
+        FileNotFoundError: a file is missing (named).
+        ValueError: malformed JSON (file, line, column), a bad entry (file, entry index), or a file with
+            no usable sample (named).
+    """
+    samples: list[Sample] = []
+    stats = LoadStats()
+    for raw_path in paths:
+        path = Path(raw_path)
+        data = _read_json_list(path)
+        # absolute() (not resolve()) so that a symlinked JSON keeps its images next to the link.
+        root = Path(image_root) if image_root is not None else path.absolute().parent
+        kept_before = len(samples)
+        stats.files += 1
+        stats.entries += len(data)
+        for index, entry in enumerate(data):
+            image, raw_captions = _parse_entry(entry, index, path)
+            captions = []
+            for raw in raw_captions:
+                cleaned = pre_caption(raw, max_words)
+                if cleaned:
+                    captions.append(cleaned)
+                else:
+                    stats.empty_captions_dropped += 1
+            if not captions:
+                stats.samples_skipped += 1
+                continue
+            samples.append(Sample(_resolve(image, root), tuple(captions)))
+            stats.captions_kept += len(captions)
+        if len(samples) == kept_before:
+            raise ValueError(f"{path}: no usable sample ({len(data)} entries, none with a non-empty caption)")
+    stats.kept = len(samples)
+    return samples, stats
+
+
+class EvalItems(NamedTuple):
+    """Retrieval-evaluation items (ALBEF `re_eval_dataset`). Unpacks as (images, captions, text_to_image)."""
+
+    images: list[Path]
+    """(N_img,) image paths, in file order."""
+    captions: list[str]
+    """(N_txt,) cleaned captions, flattened image by image."""
+    text_to_image: list[int]
+    """(N_txt,) index into `images` of each caption's image (the text->image ground truth)."""
+
+    def image_to_texts(self) -> list[list[int]]:
+        """(N_img,) lists of caption indices per image (the image->text ground truth), ascending."""
+        out: list[list[int]] = [[] for _ in self.images]
+        for t, i in enumerate(self.text_to_image):
+            out[i].append(t)
+        return out
+
+
+def build_eval_items(
+    path: str | Path, *, max_words: int = 30, image_root: str | Path | None = None
+) -> EvalItems:
+    """Flatten an ALBEF retrieval eval JSON (``[{"image": rel path, "caption": [str, ...]}, ...]``).
+
+    As in ALBEF, every caption is kept even if it cleans to "" (dropping one would change the recall
+    denominators) and an image with no caption stays in the gallery. Unlike ALBEF, a plain-string caption
+    counts as one caption (ALBEF iterates it character by character, github issue #72).
+
+    Args:
+        path: eval annotation file.
+        max_words: `pre_caption` word limit (ALBEF: 30).
+        image_root: folder that relative image paths are joined to; default: the JSON file's folder.
+    Returns:
+        EvalItems(images (N_img,), captions (N_txt,), text_to_image (N_txt,)).
+    """
+    path = Path(path)
+    data = _read_json_list(path)
+    root = Path(image_root) if image_root is not None else path.absolute().parent
+    images: list[Path] = []
+    captions: list[str] = []
+    text_to_image: list[int] = []
+    for index, entry in enumerate(data):
+        image, raw_captions = _parse_entry(entry, index, path)
+        images.append(Path(_resolve(image, root)))
+        for raw in raw_captions:
+            captions.append(pre_caption(raw, max_words))
+            text_to_image.append(index)
+    if not images:
+        raise ValueError(f"{path}: no image entry")
+    return EvalItems(images, captions, text_to_image)
+
+
+# ------------------------------------------------------------------------------------------- sampler
+
+
+class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Shuffled batches of ``(sample_index, sample_seed)`` with exact mid-epoch resume.
+
+    Epoch e uses the permutation ``randperm(num_samples)`` of a torch.Generator seeded with
+    ``derive_seed("perm", seed, e)``; the sample at permutation position p gets the seed
+    ``derive_seed("sample", seed, e, p)``. Both are independent of rank, world size, batch size and
+    num_workers, so the data of a step only depend on (seed, epoch, step) and the batch geometry.
+
+    Multi-rank: global step k covers permutation positions ``[k*B*W, (k+1)*B*W)``; rank r takes every W-th
+    of them starting at r (the striding of DistributedSampler). All ranks must use the same `seed`
+    (ALBEF's per-rank seed 42 + rank must not be passed here). drop_last=True as in ALBEF: the tail
+    ``num_samples % (B*W)`` of each permutation is not used that epoch.
+
+    Args:
+        num_samples: dataset size n.
+        batch_size: per-rank batch size B.
+        seed: run seed, shared by all ranks.
+        rank, world_size: this process's rank r and the number of ranks W.
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, *, seed: int = 42, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size * world_size > num_samples:
+            raise ValueError(
+                f"batch_size {batch_size} x world_size {world_size} is larger than the dataset "
+                f"({num_samples} samples): with drop_last no batch would be produced"
+            )
+        super().__init__()
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
+        self._perm: tuple[int, Tensor] | None = None  # (epoch, permutation) cache
+
+    def __len__(self) -> int:
+        """Batches in a full epoch, n // (B*W), whatever `start_batch` is (schedules count on it)."""
+        return self.num_samples // (self.batch_size * self.world_size)
+
+    @property
+    def remaining(self) -> int:
+        """Batches the next iteration yields: len(self) - start_batch."""
+        return len(self) - self.start_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch and the first batch of the next iteration.
+
+        Call before every `iter(loader)` (with persistent workers too: the batch sampler is iterated in the
+        main process each time). The setting stays until the next call, so iterating twice without it
+        repeats the same batches. To resume after `k` completed steps of `epoch`: `set_epoch(epoch, k)`.
+
+        Args:
+            epoch: epoch number (>= 0).
+            start_batch: batch index in [0, len(self)] to start from.
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in [0, {len(self)}], got {start_batch}")
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def permutation(self, epoch: int) -> Tensor:
+        """(n,) int64 permutation of epoch `epoch` (cached for the last epoch asked)."""
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(derive_seed("perm", self.seed, epoch))
+            self._perm = (epoch, torch.randperm(self.num_samples, generator=g))
+        return self._perm[1]
+
+    def sample_seed(self, epoch: int, position: int) -> int:
+        """Seed of the sample at `position` of epoch `epoch`'s permutation."""
+        return derive_seed("sample", self.seed, epoch, position)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, B, W, r = self.epoch, self.batch_size, self.world_size, self.rank
+        perm = self.permutation(epoch)
+        for k in range(self.start_batch, len(self)):
+            base = k * B * W
+            positions = range(base + r, base + B * W, W)
+            indices = perm[base + r : base + B * W : W].tolist()
+            yield [(i, self.sample_seed(epoch, p)) for i, p in zip(indices, positions)]
+
+
+# ------------------------------------------------------------------------------------------- dataset
+
+
+class ImageReadError(OSError):
+    """An image file could not be opened or decoded (the message names the file)."""
+
+
+class _StringTable:
+    """Strings packed as UTF-8 into one bytes buffer + an offsets array (no per-string Python object)."""
+
+    def __init__(self, strings: Sequence[str]):
+        encoded = [s.encode("utf-8") for s in strings]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self.offsets[1:])
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.data[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
+
+
+def _load_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() loads the pixels, so the file can be closed
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+class PretrainDataset(Dataset):
+    """Map-style pretraining dataset indexed by ``(sample_index, sample_seed)`` (see `ResumableBatchSampler`).
+
+    From the sample seed three independent streams are derived: a `random.Random` for the caption choice
+    (uniform over the sample's captions, as ALBEF's `random.choice`), one for the image augmentation, and a
+    CPU torch.Generator for the MLM mask. Nothing reads global RNG state, so worker seeding is irrelevant.
+
+    Args:
+        samples: from `load_caption_json`.
+        transform: the image pipeline.
+        max_text_len: token limit including [CLS] (ALBEF pretraining: 25).
+        mlm_probability: MLM selection rate (ALBEF: 0.15).
+        vocab_path: bert-base-uncased vocab.txt; None = the default lookup of `captions.bert_vocab_path`.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: ImageTransform,
+        *,
+        max_text_len: int = 25,
+        mlm_probability: float = 0.15,
+        vocab_path: str | Path | None = None,
+    ) -> None:
+        if len(samples) == 0:
+            raise ValueError("PretrainDataset needs at least one sample")
+        self.transform = transform
+        self.max_text_len = max_text_len
+        self.mlm_probability = mlm_probability
+        self.vocab_path = str(vocab_path) if vocab_path is not None else None
+        self._images = _StringTable([s.image for s in samples])
+        self._captions = _StringTable([c for s in samples for c in s.captions])
+        self._caption_offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+        np.cumsum([len(s.captions) for s in samples], out=self._caption_offsets[1:])
+        # Build (and validate) the tokenizer now so a bad vocabulary fails here, not in a worker. Workers
+        # rebuild it through the lru_cache (forked workers inherit the cache, spawned ones re-create it).
+        build_tokenizer(self.vocab_path, self.max_text_len)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def sample(self, index: int) -> Sample:
+        """The `Sample` stored at `index`."""
+        lo, hi = self._caption_offsets[index], self._caption_offsets[index + 1]
+        return Sample(self._images[index], tuple(self._captions[j] for j in range(lo, hi)))
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        """One sample.
+
+        Args:
+            key: (sample_index, sample_seed).
+        Returns:
+            dict with "image" (3, S, S) float32, "text_ids" (L,) int64 ([CLS] first, L <= max_text_len),
+            "mlm_ids" (L,) int64, "mlm_selected" (L,) bool, "index" int.
+        """
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise TypeError(
+                f"PretrainDataset is indexed by (sample_index, sample_seed) tuples, got {key!r}: "
+                "use ResumableBatchSampler as the loader's batch_sampler"
+            )
+        index, sample_seed = int(key[0]), int(key[1])
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range for {len(self)} samples")
+
+        lo, hi = int(self._caption_offsets[index]), int(self._caption_offsets[index + 1])
+        caption_rng = random.Random(derive_seed("caption", sample_seed))
+        caption = self._captions[caption_rng.randrange(lo, hi)]
+
+        path = self._images[index]
+        image = self.transform(_load_rgb(path), random.Random(derive_seed("image", sample_seed)))
+
+        ids = build_tokenizer(self.vocab_path, self.max_text_len).encode(caption).ids
+        text_ids = torch.tensor(ids, dtype=torch.int64)
+        mask_gen = torch.Generator().manual_seed(derive_seed("mask", sample_seed))
+        mlm_ids, selected = mask_tokens(text_ids, mask_gen, probability=self.mlm_probability)
+        return {
+            "image": image,
+            "text_ids": text_ids,
+            "mlm_ids": mlm_ids,
+            "mlm_selected": selected,
+            "index": index,
+        }
+
+
+# ----------------------------------------------------------------------------------------- collation
+
+
+def _stack_images(images: list[Tensor]) -> Tensor:
+    out = None
+    if get_worker_info() is not None:
+        # In a worker, stack straight into shared memory (as default_collate does): the batch then
+        # crosses to the main process without another copy of the (B, 3, S, S) float32 block.
+        try:
+            numel = sum(t.numel() for t in images)
+            storage = images[0]._typed_storage()._new_shared(numel, device=images[0].device)
+            out = images[0].new(storage).resize_(len(images), *images[0].shape)
+        except (AttributeError, RuntimeError):  # private API moved: fall back to a plain stack
+            out = None
+    return torch.stack(images, 0, out=out)
+
+
+def collate(items: Sequence[dict[str, Any]]) -> Batch:
+    """Pad and stack dataset items into a `Batch` (ALBEF `padding='longest'`).
+
+    Args:
+        items: B dicts from `PretrainDataset.__getitem__`.
+    Returns:
+        Batch with image (B, 3, S, S), text_ids/text_mask/mlm_ids (B, L) int64 where L is the longest
+        caption of the batch (padding [PAD]=0, mask 0), mlm_positions (M,) ascending flat indices b*L + t
+        of the selected tokens and mlm_labels (M,) = text_ids.flatten()[mlm_positions].
+    """
+    if not items:
+        raise ValueError("collate got an empty batch")
+    B = len(items)
+    lengths = torch.tensor([len(it["text_ids"]) for it in items], dtype=torch.int64)
+    L = int(lengths.max())
+    text_ids = torch.full((B, L), PAD_ID, dtype=torch.int64)
+    mlm_ids = torch.full((B, L), PAD_ID, dtype=torch.int64)
+    selected = torch.zeros((B, L), dtype=torch.bool)
+    for b, it in enumerate(items):
+        n = len(it["text_ids"])
+        text_ids[b, :n] = torch.as_tensor(it["text_ids"])
+        mlm_ids[b, :n] = torch.as_tensor(it["mlm_ids"])
+        selected[b, :n] = torch.as_tensor(it["mlm_selected"])
+    text_mask = (torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1)).to(torch.int64)
+    mlm_positions = selected.view(-1).nonzero().squeeze(1)  # nonzero() returns ascending indices
+    mlm_labels = text_ids.view(-1)[mlm_positions]
+    return Batch(
+        image=_stack_images([it["image"] for it in items]),
+        text_ids=text_ids,
+        text_mask=text_mask,
+        mlm_ids=mlm_ids,
+        mlm_positions=mlm_positions,
+        mlm_labels=mlm_labels,
+    )
+
+
+def build_pretrain_loader(
+    dataset: PretrainDataset,
+    sampler: ResumableBatchSampler,
+    *,
+    num_workers: int,
+    pin_memory: bool,
+    prefetch_factor: int | None = None,
+) -> DataLoader:
+    """The pretraining DataLoader: `sampler` as batch_sampler, `collate` as collate_fn.
+
+    Workers are persistent when num_workers > 0. That does not freeze the epoch: DataLoader iterates the
+    batch sampler in the main process at every `iter(loader)`, so `sampler.set_epoch(...)` before each
+    `iter` takes effect (the workers only receive (index, seed) lists). A private generator is passed so
+    that creating an iterator (which draws the workers' base seed) does not consume the global torch RNG.
+
+    Args:
+        dataset: the PretrainDataset.
+        sampler: its ResumableBatchSampler; call `set_epoch` before iterating.
+        num_workers: loader processes (0 = load in the main process).
+        pin_memory: pin batches (Batch.pin_memory) for asynchronous host-to-device copies.
+        prefetch_factor: batches prefetched per worker (torch default 2 when None); ignored without workers.
+    Returns:
+        DataLoader yielding `Batch` objects.
+    """
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs["persistent_workers"] = True
+        if prefetch_factor is not None:
+            kwargs["prefetch_factor"] = prefetch_factor
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    )
