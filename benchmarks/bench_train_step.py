@@ -171,6 +171,16 @@ def bench(preset: str, B: int, L: int, device: torch.device, precision: str, war
     return result
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def git_sha() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
@@ -195,8 +205,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    dev_name = f"{dev_name} ({torch.get_num_threads()} threads)" if device.type == "cpu" else dev_name
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()} ({torch.get_num_threads()} threads)"
     print(f"device: {dev_name}; torch {torch.__version__}; precision {precision}; batch {args.batch}; "
           f"text length <= {args.text_len}; queue {args.queue_size}; median of {args.repeat} after {args.warmup} warm-up")
     cols = ["step", "vision", "text", "fusion", "losses", "ema", "optimizer"]
