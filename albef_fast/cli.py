@@ -36,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from albef_fast.config import load_config, to_dict
+    from albef_fast.train.checkpoint import CheckpointError
 
     try:
         if args.command == "eval-retrieval":
             return _eval_retrieval(args)
         cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"albef-fast: error: {exc}", file=sys.stderr)
         return 2
     if args.command == "print-config":
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train(cfg)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"albef-fast: error: {exc}", file=sys.stderr)
         return 2
     print(f"trained {summary.steps} steps; outputs in {summary.output_dir} "
@@ -66,27 +67,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _eval_retrieval(args: argparse.Namespace) -> int:
-    import torch
-
-    from albef_fast.config import from_dict, parse_overrides, _merge
+    from albef_fast.config import _merge, from_dict, parse_overrides
     from albef_fast.eval.retrieval import evaluate_retrieval_file, format_recalls
     from albef_fast.models.albef import ALBEF
     from albef_fast.models.presets import get_preset
-    from albef_fast.task import PretrainTask
-    from albef_fast.train.checkpoint import load_checkpoint
+    from albef_fast.train.checkpoint import read_checkpoint
     from albef_fast.train.loop import autocast_for, resolve_data_files, resolve_device
 
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    state = read_checkpoint(args.checkpoint)
     cfg = _merge(from_dict(state["config"]), parse_overrides(args.overrides))
     overrides = {"image_size": cfg.model.image_size} if cfg.model.image_size else {}
     model_cfg = get_preset(cfg.model.preset, **overrides)
-    task = PretrainTask(ALBEF(model_cfg), queue_size=cfg.loss.queue_size, momentum=cfg.loss.momentum)
-    load_checkpoint(args.checkpoint, task, restore_rng=False)
+    model = ALBEF(model_cfg)
+    model.load_state_dict({k[len("model."):]: v for k, v in state["task"].items() if k.startswith("model.")})
     data = args.data or resolve_data_files(cfg, model_cfg.image_size)[1]
     if not data:
         raise ValueError("no retrieval data: pass --data eval.json (ALBEF format, a caption list per image)")
     device = resolve_device(cfg.device)
-    result = evaluate_retrieval_file(task.model.to(device), data, image_size=model_cfg.image_size,
+    result = evaluate_retrieval_file(model.to(device), data, image_size=model_cfg.image_size,
                                      k_test=cfg.eval.k_test, batch_size=cfg.eval.batch_size, device=device,
                                      autocast=autocast_for(cfg.precision, device))
     print(format_recalls(result))

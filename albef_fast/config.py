@@ -117,6 +117,10 @@ class EvalConfig:
     before_training: bool = True
     after_training: bool = True
 
+    def __post_init__(self) -> None:
+        if self.k_test < 1 or self.batch_size < 1:
+            raise ValueError(f"eval.k_test and eval.batch_size must be >= 1, got {self.k_test}, {self.batch_size}")
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -139,6 +143,15 @@ class TrainConfig:
     """Continue from output_dir/checkpoint-latest.pt if it exists."""
     progress: bool = True
     """Show a progress bar with the loss terms, samples/s and ETA."""
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise ValueError(f"log_every and checkpoint_every must be >= 1, got {self.log_every}, "
+                             f"{self.checkpoint_every}")
+        if self.checkpoint_every % self.log_every:
+            # so that a resumed run's logging windows line up with the uninterrupted run's
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of "
+                             f"log_every={self.log_every}")
 
 
 # The embedded default: `albef-fast pretrain` with no --config. Trains albef_tiny on the generated

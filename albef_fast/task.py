@@ -49,6 +49,7 @@ class PretrainTask(nn.Module):
         self.model_m = model.momentum_copy()
         self.queues = FeatureQueues(queue_size, model.config.embed_dim)
         self.momentum = momentum
+        self._pairs: tuple[list[Tensor], list[Tensor]] | None = None
 
     def forward(self, batch: Batch, alpha: float) -> PretrainOutput:
         m, mm = self.model, self.model_m
@@ -99,10 +100,20 @@ class PretrainTask(nn.Module):
         )
 
     def momentum_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
-        """(momentum tensors, online tensors), paired by name."""
-        online = dict(self.model.named_parameters())
-        names, params_m = zip(*self.model_m.named_parameters())
-        return list(params_m), [online[n] for n in names]
+        """(momentum tensors, online tensors), paired by name. Built once: `.to()`, `.cuda()` and
+        `load_state_dict` keep the Parameter objects, so the lists stay valid."""
+        if self._pairs is None:
+            online = dict(self.model.named_parameters())
+            names, params_m = zip(*self.model_m.named_parameters())
+            self._pairs = (list(params_m), [online[n] for n in names])
+        return self._pairs
+
+    @torch.no_grad()
+    def reset_momentum_(self) -> None:
+        """Copy the online weights into the momentum model (after loading pretrained weights into
+        `model`, as ALBEF copies after loading DeiT and BERT)."""
+        for p_m, p in zip(*self.momentum_pairs()):
+            p_m.copy_(p)
 
     @torch.no_grad()
     def after_step(self, output: PretrainOutput) -> None:

@@ -202,7 +202,8 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if device.type == "cuda":
+    if device.type == "cuda" and precision == "fp32":
+        precision = "fp32+tf32"  # fp32 storage, TF32 tensor-core matmuls (PyTorch's fast fp32 mode)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()} ({torch.get_num_threads()} threads)"
@@ -214,7 +215,8 @@ def main() -> None:
     for preset in args.preset:
         r = bench(preset, args.batch, args.text_len, device, precision, args.warmup, args.repeat, args.queue_size)
         sps = args.batch / r["step"]
-        mfu = sps * REF_GFLOP_PER_SAMPLE * 1e9 / 989e12 if (preset == "albef_base" and device.type == "cuda") else None
+        # MFU only where the bf16 peak is the right denominator
+        mfu = sps * REF_GFLOP_PER_SAMPLE * 1e9 / 989e12 if (preset == "albef_base" and precision == "bf16") else None
         print(f"{preset:<12}" + "".join(f"{1e3 * r[c]:>13.2f}" for c in cols) + f"{sps:>11.1f}"
               + (f"{100 * mfu:>9.1f}%" if mfu else f"{'-':>10}") + f"{r.get('peak_gib', float('nan')):>10.2f}")
         rows.append({"op": "train_step", "preset": preset, "batch": args.batch, "text_len": args.text_len,
@@ -222,12 +224,14 @@ def main() -> None:
                      "samples_per_s": round(sps, 2), "peak_gib": round(r.get("peak_gib", float("nan")), 3),
                      "device": dev_name, "torch": torch.__version__, "git_sha": git_sha(),
                      "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-    if device.type == "cuda":
+    if precision == "bf16" and "albef_base" in args.preset:
         print("eff. MFU: samples/s x 289 GFLOP (reference FLOP count per sample, PERFORMANCE.md §4b) / 989 TFLOP/s "
               "(dense bf16 datasheet peak)")
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
+    if not new and path.read_text().splitlines()[0] != ",".join(rows[0]):
+        raise SystemExit(f"{path} has another column layout; write to a new file with --csv")
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         if new:

@@ -34,13 +34,16 @@ def itc_loss_reference(
         sim_inbatch: (B, B) detached s[:, :B], the logits of the in-batch keys.
     """
     B = q.shape[0]
-    keys = torch.cat([keys_m, queue], dim=0)  # (N, D)
-    sim = q @ keys.t() / temp  # (B, N)
-    with torch.no_grad():
-        sim_m = q_m @ keys.t() / temp  # (B, N)
-        targets = alpha * F.softmax(sim_m, dim=1)
-        targets[:, :B] += (1.0 - alpha) * torch.eye(B, device=q.device, dtype=targets.dtype)
-    loss = -(F.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
+    acc = torch.promote_types(q.dtype, torch.float32)
+    # fp32 at least, also under autocast: ALBEF runs ITC in fp32 and it costs ~1 GFLOP per direction
+    with torch.autocast(q.device.type, enabled=False):
+        keys = torch.cat([keys_m, queue], dim=0).to(acc)  # (N, D)
+        sim = q.to(acc) @ keys.t() / temp  # (B, N)
+        with torch.no_grad():
+            sim_m = q_m.to(acc) @ keys.t() / temp  # (B, N)
+            targets = alpha * F.softmax(sim_m, dim=1)
+            targets[:, :B] += (1.0 - alpha) * torch.eye(B, device=q.device, dtype=targets.dtype)
+        loss = -(F.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
     return loss, sim[:, :B].detach()
 
 

@@ -356,7 +356,7 @@ class _StringTable:
         return self.data[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
 
 
-def _load_rgb(path: str) -> Image.Image:
+def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")  # convert() loads the pixels, so the file can be closed
@@ -433,7 +433,7 @@ class PretrainDataset(Dataset):
         caption = self._captions[caption_rng.randrange(lo, hi)]
 
         path = self._images[index]
-        image = self.transform(_load_rgb(path), random.Random(derive_seed("image", sample_seed)))
+        image = self.transform(load_rgb(path), random.Random(derive_seed("image", sample_seed)))
 
         ids = build_tokenizer(self.vocab_path, self.max_text_len).encode(caption).ids
         text_ids = torch.tensor(ids, dtype=torch.int64)

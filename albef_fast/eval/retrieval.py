@@ -16,10 +16,10 @@ from typing import ContextManager, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from albef_fast.data.captions import PAD_ID, pre_caption, tokenize
+from albef_fast.data.dataset import build_eval_items, load_rgb
 from albef_fast.data.transforms import ImageTransform
 from albef_fast.models.albef import ALBEF
 
@@ -58,7 +58,8 @@ def evaluate_retrieval(
     device: torch.device | str = "cpu", autocast: ContextManager | None = None,
 ) -> dict[str, float]:
     """Args:
-        image_paths: N_img image files; captions: N_txt raw captions (cleaned here with pre_caption);
+        image_paths: N_img image files; captions: N_txt captions (cleaned here with pre_caption, which
+            leaves already-cleaned captions unchanged);
         txt2img: (N_txt,) index of each caption's image.
     Returns:
         txt_r1/5/10 (image->text), img_r1/5/10 (text->image), their means and r_mean, in percent.
@@ -81,7 +82,7 @@ def evaluate_retrieval(
 
         image_embeds, image_feats = [], []
         for s in range(0, len(image_paths), batch_size):
-            pixels = torch.stack([transform(Image.open(p).convert("RGB"), None) for p in image_paths[s:s + batch_size]])
+            pixels = torch.stack([transform(load_rgb(str(p))) for p in image_paths[s:s + batch_size]])
             with amp:
                 emb = model.encode_image(pixels.to(device))
                 image_feats.append(model.image_feature(emb))
@@ -102,7 +103,7 @@ def _rerank(model: ALBEF, sims: Tensor, text_embeds: Tensor, mask: Tensor, image
     k = min(k, sims.shape[1])
     scores = torch.full(sims.shape, -100.0, device=sims.device)
     top = sims.topk(k, dim=1).indices  # (N_query, k)
-    per_chunk = max(1, batch_size // k) if k < batch_size else 1
+    per_chunk = max(1, batch_size // k)  # queries per fusion call
     for s in range(0, sims.shape[0], per_chunk):
         q = torch.arange(s, min(s + per_chunk, sims.shape[0]), device=sims.device)
         cand = top[q].flatten()  # (n*k,)
@@ -115,14 +116,9 @@ def _rerank(model: ALBEF, sims: Tensor, text_embeds: Tensor, mask: Tensor, image
     return scores
 
 
-def load_eval_json(path: str | Path) -> tuple[list[Path], list[str], list[int]]:
-    from albef_fast.data.dataset import build_eval_items
-
-    return build_eval_items(path)
-
-
 def evaluate_retrieval_file(model: ALBEF, path: str | Path, **kwargs) -> dict[str, float]:
-    images, captions, txt2img = load_eval_json(path)
+    """`evaluate_retrieval` on an ALBEF retrieval JSON ({"image", "caption": [str, ...]} entries)."""
+    images, captions, txt2img = build_eval_items(path)
     return evaluate_retrieval(model, images, captions, txt2img, **kwargs)
 
 

@@ -32,11 +32,11 @@ class ALBEF(nn.Module):
         self.text_proj = nn.Linear(config.hidden_size, config.embed_dim)
         self.itm_head = nn.Linear(config.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(config.temp))
-        for module in (self.text_encoder, self.fusion_encoder, self.mlm_head, self.itm_head):
+        # BERT's init for the text side (from_pretrained in ALBEF); the decoder is tied to the word
+        # embeddings, so only the head's transform is initialised here. vision_proj, text_proj and
+        # itm_head keep PyTorch's default Linear init, as in ALBEF.
+        for module in (self.text_encoder, self.fusion_encoder, self.mlm_head.dense, self.mlm_head.norm):
             module.apply(init_bert_weights)
-        for proj in (self.vision_proj, self.text_proj):  # ALBEF: timm-style trunc_normal / BERT-style normal
-            nn.init.trunc_normal_(proj.weight, std=0.02)
-            nn.init.zeros_(proj.bias)
 
     # --- unimodal encoders ------------------------------------------------------------------------
     def encode_image(self, image: Tensor) -> Tensor:
@@ -69,8 +69,11 @@ class ALBEF(nn.Module):
         """An fp32 copy of MOMENTUM_MODULES with requires_grad=False (no itm_head, no temp). The tied
         MLM decoder stays tied in the copy."""
         twin = copy.deepcopy(self).float()
-        del twin.itm_head
-        del twin.temp
+        for name, _ in list(twin.named_children()):
+            if name not in MOMENTUM_MODULES:
+                delattr(twin, name)
+        for name in list(twin._parameters):  # temp
+            delattr(twin, name)
         twin.requires_grad_(False)
         return twin
 

@@ -33,6 +33,8 @@ class ModelConfig:
     """Initial contrastive temperature; learnable, clamped to [0.001, 0.5] after every step."""
 
     def __post_init__(self) -> None:
+        if not 0.001 <= self.temp <= 0.5:
+            raise ValueError(f"temp={self.temp} is outside the clamp range [0.001, 0.5]")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         for width, heads, name in ((self.vision_width, self.vision_heads, "vision"),

@@ -10,7 +10,7 @@ cross-attention to the image tokens), with ALBEF's exact semantics (REFERENCE §
 
 A stock transformers `BertModel` cannot be the fusion encoder (cross-attention forces a causal
 decoder there), hence these compact modules. Self-attention uses one fused qkv projection and
-cross-attention one fused kv projection; weight converters split/concatenate BERT's q/k/v.
+cross-attention one fused kv projection (BERT checkpoints' q/k/v weights are concatenated).
 """
 
 from __future__ import annotations

@@ -75,17 +75,32 @@ def save_checkpoint(output_dir: str | Path, task: torch.nn.Module, optimizer: to
     return path
 
 
-def load_checkpoint(path: str | Path, task: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    *, restore_rng: bool = True) -> tuple[RunPosition, dict[str, Any]]:
-    """Restore a checkpoint written by `save_checkpoint`; returns the run position and its config."""
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: missing, truncated, corrupt or of another format."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate a checkpoint file (on the CPU, tensors and plain values only)."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or corrupt file, or not a checkpoint at all
-        raise RuntimeError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise RuntimeError(f"{path} is not an albef-fast checkpoint (format {FORMAT})")
-    task.load_state_dict(state["task"])
+        raise CheckpointError(f"{path} is not an albef-fast checkpoint (format {FORMAT})")
+    return state
+
+
+def load_checkpoint(path: str | Path, task: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    *, restore_rng: bool = True) -> tuple[RunPosition, dict[str, Any]]:
+    """Restore a checkpoint written by `save_checkpoint`; returns the run position and its config."""
+    state = read_checkpoint(path)
+    try:
+        task.load_state_dict(state["task"])
+    except RuntimeError as exc:  # shape or key mismatch: a checkpoint of another model or queue size
+        raise CheckpointError(f"checkpoint {path} does not fit this run: {exc}") from exc
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if restore_rng:

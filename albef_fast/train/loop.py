@@ -73,6 +73,26 @@ def resolve_data_files(cfg: TrainConfig, image_size: int) -> tuple[list[str], st
     return list(cfg.data.train_files), cfg.data.eval_file
 
 
+# Fields that fix the data order and the tensor shapes: a resumed run must keep them.
+_RESUME_KEYS = ("model.preset", "model.image_size", "data.source", "data.train_files", "data.batch_size",
+                "data.scenes_train", "data.scenes_eval", "data.max_text_len", "loss.queue_size", "seed")
+
+
+def check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    now = to_dict(cfg)
+
+    def get(d: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            d = d.get(part, {}) if isinstance(d, dict) else {}
+        return d
+
+    changed = [f"{k}: {get(saved, k)!r} -> {get(now, k)!r}" for k in _RESUME_KEYS
+               if get(saved, k) != get(now, k) and not (isinstance(get(now, k), list) and list(get(saved, k)) == get(now, k))]
+    if changed:
+        raise ValueError(f"cannot resume from {path}: the run was started with different settings ("
+                         f"{'; '.join(changed)}); use another output_dir, or resume=false to start over there")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -107,7 +127,8 @@ def train(cfg: TrainConfig) -> RunSummary:
     pos = RunPosition()
     metrics_path = out_dir / "metrics.jsonl"
     if cfg.resume and (out_dir / LATEST).exists():
-        pos, _ = load_checkpoint(out_dir / LATEST, task, optimizer)
+        pos, saved = load_checkpoint(out_dir / LATEST, task, optimizer)
+        check_resumable(saved, cfg, out_dir / LATEST)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", out_dir / LATEST, pos.step, pos.epoch, pos.batch)
         if metrics_path.exists():  # drop lines logged after the checkpoint by the interrupted run
             kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= pos.step]
@@ -146,10 +167,10 @@ def train(cfg: TrainConfig) -> RunSummary:
                 # the position to resume from: the next batch, or the start of the next epoch
                 last = it + 1 == iters_per_epoch
                 pos = RunPosition(pos.step + 1, epoch + last, 0 if last else it + 1)
-                metrics.update([out.loss, out.itc_loss, out.itm_loss, out.mlm_loss], batch.size, data_wait)
+                metrics.update([out.loss, out.itc_loss, out.itm_loss, out.mlm_loss, task.model.temp],
+                               batch.size, data_wait)
                 if pos.step % cfg.log_every == 0 or pos.step == total_steps:
-                    row = metrics.log(pos.step, {"epoch": epoch, "lr": lr, "alpha": round(alpha, 4),
-                                                 "temp": round(task.model.temp.item(), 5)})  # host sync
+                    row = metrics.log(pos.step, {"epoch": epoch, "lr": lr, "alpha": round(alpha, 4)})  # host sync
                 if pos.step % cfg.checkpoint_every == 0:
                     save_checkpoint(out_dir, task, optimizer, pos, to_dict(cfg))
                 t_wait = time.perf_counter()

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 LOSS_KEYS = ("loss", "itc_loss", "itm_loss", "mlm_loss")
+TRACKED = (*LOSS_KEYS, "temp")  # averaged over the logging interval
 
 
 class MetricsLogger:
@@ -29,9 +30,9 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
 
-    def update(self, losses: list[Tensor], batch_size: int, data_wait: float) -> None:
-        """Accumulate detached losses on their device (no synchronisation)."""
-        vals = torch.stack([x.detach().float() for x in losses])
+    def update(self, values: list[Tensor], batch_size: int, data_wait: float) -> None:
+        """Accumulate detached scalars (TRACKED, in order) on their device (no synchronisation)."""
+        vals = torch.stack([x.detach().float() for x in values])
         self.sums = vals if self.sums is None else self.sums + vals
         self.count += 1
         self.samples += batch_size
@@ -45,7 +46,7 @@ class MetricsLogger:
             return {}
         means = (self.sums / self.count).tolist()  # host sync
         elapsed = time.perf_counter() - self.t0
-        row = {"step": step, **dict(zip(LOSS_KEYS, means)),
+        row = {"step": step, **dict(zip(TRACKED, means)),
                "samples_per_s": round(self.samples / elapsed, 2), "data_wait": round(self.data_wait / elapsed, 4),
                **extra, "time": round(time.time(), 3)}
         with open(self.path, "a") as f:

