@@ -123,12 +123,22 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class KernelConfig:
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    """Fused operators: auto = Triton on CUDA tensors, the PyTorch reference elsewhere; torch = always
+    the reference. The environment variable ALBEF_KERNELS overrides this."""
+    disable: list[str] = field(default_factory=list)
+    """Ops routed to their PyTorch reference whatever the backend, e.g. [itc_loss, mlm_loss]."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     output_dir: str = "runs/albef"
     seed: int = 42
     device: str = "auto"
