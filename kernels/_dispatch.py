@@ -2,7 +2,7 @@
 
     ALBEF_KERNELS=auto|triton|torch     (environment; default auto)
     with use_backend("torch"): ...       (tests and benchmarks)
-    disable_ops({"itc_loss"})            (from the training config)
+    configure("auto", disable={"itc_loss"})   (from the training config)
 
 `use_triton(op, *tensors)` is True when the backend is not "torch", the op is not disabled, Triton
 imports, and the tensors live on a CUDA device. Under `TRITON_INTERPRET=1` (how CI runs kernels on
@@ -23,6 +23,7 @@ import torch
 log = logging.getLogger("albef_kernels")
 _BACKENDS = ("auto", "triton", "torch")
 _override: str | None = None
+_configured = "auto"
 _disabled: set[str] = set()
 _logged: set[tuple[str, bool]] = set()
 
@@ -41,7 +42,7 @@ def interpreting() -> bool:
 
 
 def backend() -> str:
-    name = _override or os.environ.get("ALBEF_KERNELS", "auto")
+    name = _override or os.environ.get("ALBEF_KERNELS") or _configured
     if name not in _BACKENDS:
         raise ValueError(f"ALBEF_KERNELS={name!r} is not one of {_BACKENDS}")
     return name
@@ -60,10 +61,15 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
-def disable_ops(ops: Iterable[str]) -> None:
-    """Route these ops to their PyTorch reference (e.g. from the training config)."""
+def configure(backend_name: str = "auto", disable: Iterable[str] = ()) -> None:
+    """Set the backend used when ALBEF_KERNELS is unset, and the ops routed to their PyTorch reference
+    whatever the backend (from the training config)."""
+    global _configured
+    if backend_name not in _BACKENDS:
+        raise ValueError(f"kernel backend {backend_name!r} is not one of {_BACKENDS}")
+    _configured = backend_name
     _disabled.clear()
-    _disabled.update(ops)
+    _disabled.update(disable)
 
 
 def use_triton(op: str, *tensors: torch.Tensor) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -20,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from albef_fast.config import KernelConfig, TrainConfig, to_dict
+import albef_kernels._dispatch as kernel_dispatch
+from albef_fast.config import TrainConfig, to_dict
 from albef_fast.data.dataset import PretrainDataset, ResumableBatchSampler, build_pretrain_loader, load_caption_json
 from albef_fast.data.transforms import ImageTransform
 from albef_fast.models.albef import ALBEF
@@ -94,14 +94,6 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None
                          f"{'; '.join(changed)}); use another output_dir, or resume=false to start over there")
 
 
-def configure_kernels(cfg: KernelConfig) -> None:
-    import albef_kernels._dispatch as dispatch
-
-    if "ALBEF_KERNELS" not in os.environ:
-        os.environ["ALBEF_KERNELS"] = cfg.backend
-    dispatch.disable_ops(cfg.disable)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -112,7 +104,7 @@ def train(cfg: TrainConfig) -> RunSummary:
     # --- build ------------------------------------------------------------------------------------
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    configure_kernels(cfg.kernels)
+    kernel_dispatch.configure(cfg.kernels.backend, cfg.kernels.disable)
     overrides = {"image_size": cfg.model.image_size} if cfg.model.image_size else {}
     model_cfg = get_preset(cfg.model.preset, **overrides)
     check_queue_size(cfg.loss.queue_size, cfg.data.batch_size)  # one process: global batch = batch_size
