@@ -7,13 +7,14 @@ and a public `<op>` entry point. Today every entry point runs its reference; the
 
 from albef_kernels.ema import ema_update_, ema_update_reference_
 from albef_kernels.hard_negatives import sample_hard_negatives, sample_hard_negatives_reference
-from albef_kernels.itc_loss import itc_loss, itc_loss_reference
+from albef_kernels.itc_loss import itc_loss, itc_loss_bidirectional, itc_loss_reference
 from albef_kernels.mlm_loss import mlm_loss, mlm_loss_reference
 
 __all__ = [
     "ema_update_",
     "ema_update_reference_",
     "itc_loss",
+    "itc_loss_bidirectional",
     "itc_loss_reference",
     "mlm_loss",
     "mlm_loss_reference",

@@ -11,14 +11,37 @@ the other samples, and no host synchronisation happens.
 
 Degenerate rows: when row b has no valid negative (B = 1, or every other logit is -inf/NaN), the
 sampler returns index b itself and valid[b] = False; the ITM loss gives such pairs weight zero.
-"""
+NaN logits count as -inf. A +inf logit makes the row's best score +inf, which is not finite, so that
+row is also reported as (b, False) (the reference's rule, kept by the kernel).
 
-from __future__ import annotations
+Triton path (`sample_hard_negatives` on CUDA tensors, or the interpreter under use_backend("triton")):
+one launch for a (B, B) matrix or a stack (R, B, B) of them (both ITM directions at once). Each
+program takes BLOCK_R rows; the Gumbel noise comes from Philox (tl.rand) keyed by a 31-bit seed and
+the element's offset (r * B + b) * B + j, so a draw is a pure function of (seed, position): the same
+seed gives the same negatives, on any GPU, and the seed is an int drawn on the host from a CPU
+generator (the global one by default, so torch.manual_seed makes runs reproducible), never read back
+from the device. The uniform is clamped to [tiny, 1 - 1e-7] exactly as in the reference.
+Cost: reads R*B*B logits once, ~20 integer ops per element for Philox; one launch, a few us at B = 64.
+Envelope (Triton): float logits, B * B * R < 2^31, a CPU generator or none. A CUDA generator runs the
+reference, which draws from it on the device (also without host synchronisation).
+
+References: Gumbel-max trick (Gumbel 1954; Maddison et al. 2014, arXiv:1411.0030); Philox (Salmon et
+al. 2011, "Parallel random numbers: as easy as 1, 2, 3"); PERFORMANCE.md §4c.
+"""
 
 import torch
 from torch import Tensor
 
+from albef_kernels._dispatch import triton_available, use_triton
 
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # the reference still works without Triton
+    triton = tl = None
+
+
+# --- reference: pure PyTorch; test oracle, benchmark baseline, CPU path --------------------------------
 def sample_hard_negatives_reference(sim: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Args:
         sim: (B, B) logits, row b = query b against the in-batch keys, positive on the diagonal.
@@ -39,8 +62,99 @@ def sample_hard_negatives_reference(sim: Tensor, generator: torch.Generator | No
     return index, valid
 
 
+# --- Triton kernel ---------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _hard_negatives_kernel(
+        Sim_ptr,  # (R, B, B) logits, row = query, positive on the diagonal (any strides)
+        Index_ptr,  # (R, B) int64 out
+        Valid_ptr,  # (R, B) bool out
+        seed,  # 31-bit Philox key, drawn on the host
+        B, stride_r, stride_b, stride_j,
+        BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        r = tl.program_id(1)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_B)
+        ok = (rows[:, None] < B) & (cols[None, :] < B)
+        x = tl.load(Sim_ptr + r * stride_r + rows[:, None] * stride_b + cols[None, :] * stride_j, mask=ok,
+                    other=float("-inf")).to(tl.float32)
+        x = tl.where(x != x, float("-inf"), x)  # NaN -> no mass
+        x = tl.where(rows[:, None] == cols[None, :], float("-inf"), x)  # never the positive
+        # Gumbel(0, 1) from a counter-based uniform: a pure function of (seed, element position)
+        offsets = (r * B + rows[:, None]) * B + cols[None, :]
+        u = tl.rand(seed, offsets)
+        u = tl.minimum(tl.maximum(u, 1.1754943508222875e-38), 1.0 - 1e-7)  # as the reference's clamp
+        z = x - tl.log(-tl.log(u))  # -inf stays -inf: padded, diagonal and NaN entries never win
+        best = tl.max(z, 1)
+        index = tl.argmax(z, 1)
+        valid = (best > float("-inf")) & (best < float("inf"))
+        index = tl.where(valid, index, rows)  # no candidate: the row itself, flagged invalid
+        row_ok = rows < B
+        tl.store(Index_ptr + r * B + rows, index.to(tl.int64), mask=row_ok)
+        tl.store(Valid_ptr + r * B + rows, valid, mask=row_ok)
+
+
+# --- launcher --------------------------------------------------------------------------------------------
+_SEED_BOUND = 2**31 - 1
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A 31-bit seed from a CPU generator (default: the global one); a host draw, no device sync."""
+    return int(torch.randint(_SEED_BOUND, (), generator=generator))
+
+
+def sample_hard_negatives_forward(sim: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """Triton sampler for a (B, B) matrix or a stack (R, B, B), one launch.
+
+    Args:
+        sim: (B, B) or (R, B, B) float logits, positive on the diagonal; any strides.
+        seed: int in [0, 2^31 - 1): the Philox key. Same seed and shape -> same draws.
+    Returns:
+        index: (B,) or (R, B) int64; valid: same shape, bool (see the module docstring).
+    """
+    stacked = sim if sim.ndim == 3 else sim.unsqueeze(0)
+    R, B, _ = stacked.shape
+    if R * B * B >= 2**31:
+        raise ValueError(f"sample_hard_negatives: R * B * B = {R * B * B} must be < 2^31 (Philox offsets)")
+    if not 0 <= seed < _SEED_BOUND:
+        raise ValueError(f"sample_hard_negatives: seed={seed} must be in [0, 2^31 - 1)")
+    index = torch.empty(R, B, dtype=torch.int64, device=sim.device)
+    valid = torch.empty(R, B, dtype=torch.bool, device=sim.device)
+    BLOCK_B = max(16, triton.next_power_of_2(B))
+    BLOCK_R = max(1, min(triton.next_power_of_2(B), 4096 // BLOCK_B))  # <= 4096 elements per program
+    _hard_negatives_kernel[(triton.cdiv(B, BLOCK_R), R)](
+        stacked, index, valid, seed, B, stacked.stride(0), stacked.stride(1), stacked.stride(2),
+        BLOCK_R=BLOCK_R, BLOCK_B=BLOCK_B, num_warps=4,
+    )
+    return (index, valid) if sim.ndim == 3 else (index[0], valid[0])
+
+
+# --- public entry point -----------------------------------------------------------------------------------
 def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """One hard negative per row of `sim` (B, B); see `sample_hard_negatives_reference`."""
-    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
-        raise ValueError(f"sample_hard_negatives expects a square (B, B) matrix, got {tuple(sim.shape)}")
-    return sample_hard_negatives_reference(sim, generator)
+    """One hard negative per row of `sim`; see `sample_hard_negatives_reference`.
+
+    Args:
+        sim: (B, B) logits, or (R, B, B) to sample R matrices (e.g. both ITM directions) in one launch.
+        generator: RNG of the draws. Triton path: a CPU generator (default: the global CPU one) that
+            yields the kernel's seed. Reference path: a generator on sim's device (default: global).
+    Returns:
+        index: (B,) or (R, B) int64, a negative key per row (the row itself where none exists).
+        valid: same shape, bool, False where the row had no candidate.
+    """
+    if sim.ndim not in (2, 3) or sim.shape[-1] != sim.shape[-2]:
+        raise ValueError(
+            "sample_hard_negatives expects a square (B, B) matrix or a stack (R, B, B), "
+            f"got {tuple(sim.shape)}"
+        )
+    if not sim.is_floating_point():
+        raise ValueError(f"sample_hard_negatives expects float logits, got dtype {sim.dtype}")
+    cpu_generator = generator is None or generator.device.type == "cpu"
+    if use_triton("sample_hard_negatives", sim) and cpu_generator and sim.numel() < 2**31:
+        return sample_hard_negatives_forward(sim, draw_seed(generator))
+    if sim.ndim == 2:
+        return sample_hard_negatives_reference(sim, generator)
+    draws = [sample_hard_negatives_reference(s, generator) for s in sim]
+    return torch.stack([d[0] for d in draws]), torch.stack([d[1] for d in draws])
