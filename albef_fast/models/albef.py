@@ -56,9 +56,18 @@ class ALBEF(nn.Module):
         return F.normalize(self.text_proj(text_embeds[:, 0]).float(), dim=-1)
 
     # --- multimodal ------------------------------------------------------------------------------
-    def fuse(self, text_embeds: Tensor, mask: Tensor, image_embeds: Tensor) -> Tensor:
-        """Fusion layers over text tokens with cross-attention to image tokens -> (B, L, hidden)."""
-        return self.fusion_encoder(text_embeds, mask, image_embeds)
+    def image_kv(self, image_embeds: Tensor) -> list[Tensor]:
+        """(B, 1 + P, vision_width) -> per fusion layer the (B, 1 + P, 2 * hidden) cross-attention keys
+        and values, to compute once and share between fusion passes over the same images."""
+        return self.fusion_encoder.image_kv(image_embeds)
+
+    def fuse(self, text_embeds: Tensor, mask: Tensor, image_embeds: Tensor | None = None, *,
+             image_kv: list[Tensor] | None = None, image_index: Tensor | None = None) -> Tensor:
+        """Fusion layers over text tokens with cross-attention to image tokens -> (B, L, hidden).
+
+        The image is given either as tokens `image_embeds` (B, 1 + P, vision_width), or as `image_kv`
+        from `image_kv()` with an optional (B,) `image_index` picking each text row's image."""
+        return self.fusion_encoder(text_embeds, mask, image_embeds, image_kv=image_kv, image_index=image_index)
 
     def itm_logits(self, fused: Tensor) -> Tensor:
         """(B, L, hidden) fused sequence -> (B, 2) match logits from [CLS]; class 1 = match."""

@@ -6,11 +6,21 @@ cross-attention to the image tokens), with ALBEF's exact semantics (REFERENCE §
   added), then LayerNorm and dropout; no pooler;
 - bidirectional self-attention with a padding mask; cross-attention keys/values come from the image
   tokens, which are never padded, so it takes no mask;
+- attention-probability dropout 0.1 in self- and cross-attention (training only);
 - the MLM head (dense, GELU, LayerNorm, decoder) has its decoder weight tied to the word embeddings.
 
 A stock transformers `BertModel` cannot be the fusion encoder (cross-attention forces a causal
 decoder there), hence these compact modules. Self-attention uses one fused qkv projection and
 cross-attention one fused kv projection (BERT checkpoints' q/k/v weights are concatenated).
+
+Attention runs through `albef_fast.models.attention` (backends, packing). Each encoder pass decides
+once whether to pack its tokens (`Padding`): packed, every layer works on the (T, hidden) real tokens
+and the output is padded back with zeros at the padded positions (which nothing downstream reads).
+
+The fusion encoder's cross-attention keys/values depend only on the image and the layer's `kv`
+weights, so `FusionEncoder.image_kv(image)` computes them once per layer and `forward(...,
+image_kv=..., image_index=...)` reuses them (gathered by image index) across fusion passes over the
+same images: exact, as there is no dropout between the image tokens and the kv projection.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from albef_fast.models.attention import attention, padding_mask
+from albef_fast.models.attention import Padding, attention, use_varlen, varlen_attention
 from albef_fast.models.presets import ModelConfig
 
 
@@ -31,11 +41,15 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout = cfg.attention_dropout
 
-    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        o = attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)  # (B, H, L, Dh)
-        return self.out(o.transpose(1, 2).reshape(B, L, D))
+    def forward(self, x: Tensor, pad: Padding) -> Tensor:
+        """x: (B, L, D), or (T, D) when `pad` is packed -> same shape."""
+        D, p = x.shape[-1], self.dropout if self.training else 0.0
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, D // self.num_heads)).unbind(-3)
+        if pad.packed:  # (T, H, Dh)
+            o = varlen_attention(q, k, v, pad.cu_seqlens, pad.cu_seqlens, pad.max_seqlen, pad.max_seqlen, p)
+        else:  # (B, L, H, Dh)
+            o = attention(q, k, v, pad.key_mask, p)
+        return self.out(o.reshape(*x.shape[:-1], D))
 
 
 class CrossAttention(nn.Module):
@@ -49,13 +63,21 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout = cfg.attention_dropout
 
-    def forward(self, x: Tensor, image: Tensor) -> Tensor:
-        B, L, D = x.shape
-        H, Dh = self.num_heads, D // self.num_heads
-        q = self.q(x).view(B, L, H, Dh).transpose(1, 2)  # (B, H, L, Dh)
-        k, v = self.kv(image).view(B, image.shape[1], 2, H, Dh).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh) each
-        o = attention(q, k, v, None, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(o.transpose(1, 2).reshape(B, L, D))
+    def forward(self, x: Tensor, kv: Tensor, pad: Padding) -> Tensor:
+        """x: (B, L, D), or (T, D) when `pad` is packed; kv: (B, N_img, 2 * D), the output of `self.kv`
+        over the image tokens (see FusionEncoder.image_kv) -> x's shape."""
+        D, p = x.shape[-1], self.dropout if self.training else 0.0
+        B, N = kv.shape[:2]
+        if B != pad.mask.shape[0]:
+            raise ValueError(f"image keys/values are for {B} images but the text batch has {pad.mask.shape[0]} rows")
+        q = self.q(x).unflatten(-1, (self.num_heads, D // self.num_heads))
+        k, v = kv.unflatten(-1, (2, self.num_heads, D // self.num_heads)).unbind(-3)  # (B, N, H, Dh)
+        if pad.packed:  # text rows i attend to image i's N tokens: fixed-length key sequences
+            cu_k = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=kv.device)
+            o = varlen_attention(q, k.flatten(0, 1), v.flatten(0, 1), pad.cu_seqlens, cu_k, pad.max_seqlen, N, p)
+        else:
+            o = attention(q, k, v, None, p)
+        return self.out(o.reshape(*x.shape[:-1], D))
 
 
 class BertLayer(nn.Module):
@@ -71,10 +93,10 @@ class BertLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(cfg.hidden_size, eps=eps)
         self.drop = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, image: Tensor | None = None) -> Tensor:
-        x = self.self_norm(x + self.drop(self.self_attn(x, mask)))
+    def forward(self, x: Tensor, pad: Padding, image_kv: Tensor | None = None) -> Tensor:
+        x = self.self_norm(x + self.drop(self.self_attn(x, pad)))
         if self.cross_attn is not None:
-            x = self.cross_norm(x + self.drop(self.cross_attn(x, image)))
+            x = self.cross_norm(x + self.drop(self.cross_attn(x, image_kv, pad)))
         return self.mlp_norm(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
 
 
@@ -105,10 +127,13 @@ class TextEncoder(nn.Module):
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids, mask: (B, L) int64 -> (B, L, hidden)."""
-        x, m = self.embeddings(ids), padding_mask(mask)
+        x = self.embeddings(ids)
+        pad = Padding.build(mask, packed=use_varlen(x, self.layers[0].self_attn.dropout if self.training else 0.0)
+                            if len(self.layers) else False)
+        x = pad.pack(x)
         for layer in self.layers:
-            x = layer(x, m)
-        return x
+            x = layer(x, pad)
+        return pad.unpack(x)
 
 
 class FusionEncoder(nn.Module):
@@ -118,12 +143,42 @@ class FusionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([BertLayer(cfg, cross=True) for _ in range(cfg.fusion_layers)])
 
-    def forward(self, text: Tensor, mask: Tensor, image: Tensor) -> Tensor:
-        """text: (B, L, hidden), mask: (B, L), image: (B, N_img, vision_width) -> (B, L, hidden)."""
-        x, m = text, padding_mask(mask)
-        for layer in self.layers:
-            x = layer(x, m, image)
-        return x
+    def image_kv(self, image: Tensor) -> list[Tensor]:
+        """Per fusion layer, the cross-attention keys and values of the image tokens.
+
+        Args:
+            image: (B, N_img, vision_width) image token embeddings.
+        Returns:
+            one (B, N_img, 2 * hidden) tensor per layer (keys and values, heads interleaved as `kv`).
+        """
+        return [layer.cross_attn.kv(image) for layer in self.layers]
+
+    def forward(self, text: Tensor, mask: Tensor, image: Tensor | None = None, *,
+                image_kv: list[Tensor] | None = None, image_index: Tensor | None = None) -> Tensor:
+        """Fusion layers over text tokens with cross-attention to image tokens.
+
+        Args:
+            text: (B, L, hidden) text-encoder output; mask: (B, L) 1/0.
+            image: (B, N_img, vision_width) image tokens, or None when `image_kv` is given.
+            image_kv: `image_kv(images)` computed once for a set of images and reused.
+            image_index: (B,) int64, row b attends to image image_index[b] of `image_kv`'s images
+                (None: row b to image b).
+        Returns:
+            (B, L, hidden); padded positions hold zeros when the pass was packed.
+        """
+        if (image is None) == (image_kv is None):
+            raise ValueError("FusionEncoder.forward takes exactly one of image and image_kv")
+        if image_kv is not None and len(image_kv) != len(self.layers):
+            raise ValueError(f"image_kv has {len(image_kv)} entries for {len(self.layers)} fusion layers")
+        pad = Padding.build(mask, packed=use_varlen(text, self.layers[0].self_attn.dropout if self.training else 0.0)
+                            if len(self.layers) else False)
+        x = pad.pack(text)
+        for i, layer in enumerate(self.layers):
+            kv = layer.cross_attn.kv(image) if image_kv is None else image_kv[i]
+            if image_index is not None:
+                kv = kv.index_select(0, image_index)
+            x = layer(x, pad, kv)
+        return pad.unpack(x)
 
 
 class MlmHead(nn.Module):
