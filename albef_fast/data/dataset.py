@@ -18,24 +18,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from albef_fast.data.batch import Batch
 from albef_fast.data.captions import PAD_ID, build_tokenizer, pre_caption
+from albef_fast.data.images import BadSampleError, ImageReadError, decode_rgb, encoded_image, read_image_bytes
 from albef_fast.data.masking import mask_tokens
-from albef_fast.data.transforms import ImageTransform
+from albef_fast.data.quality import DataEvents
+from albef_fast.data.sources import Mixture, ShardStats, expand_sources, index_shard, is_shard
+from albef_fast.data.transforms import AugParams, ImageTransform, draw_pretrain_params
 
 __all__ = [
+    "BadDataError",
+    "BadSampleError",
+    "EncodedBatch",
+    "MixtureBatchSampler",
+    "SourceSet",
+    "encoded_image",
+    "load_sources",
     "EvalItems",
     "ImageReadError",
     "LoadStats",
@@ -77,8 +87,10 @@ class Sample:
 
     image: str
     """Image path; relative paths of the JSON have been joined to its folder (kept as str: Path objects
-    cost several times the memory at 14M samples)."""
+    cost several times the memory at 14M samples). For a webdataset sample: the shard's path."""
     captions: tuple[str, ...]
+    member: tuple[int, int] | None = None
+    """For a webdataset sample: (byte offset, byte length) of the image member inside the shard."""
 
 
 @dataclass
@@ -187,6 +199,59 @@ def load_caption_json(
             raise ValueError(f"{path}: no usable sample ({len(data)} entries, none with a non-empty caption)")
     stats.kept = len(samples)
     return samples, stats
+
+
+@dataclass
+class SourceSet:
+    """Samples of several sources, concatenated in source order (see `load_sources`)."""
+
+    samples: list[Sample]
+    sizes: list[int]
+    """Samples per source, in order."""
+    names: list[str]
+    """The `train_files` entry of each source."""
+    json_stats: LoadStats
+    shard_stats: ShardStats
+
+
+def load_sources(
+    specs: Sequence[str | Path], *, max_words: int = 30, image_root: str | Path | None = None
+) -> SourceSet:
+    """Read every training source: each entry is an ALBEF JSON file or webdataset shards (a .tar path or
+    a brace pattern such as ``data/{000000..000099}.tar``; `sources.py`).
+
+    Args:
+        specs: the `data.train_files` entries; each is one source for the mixture weights.
+        max_words: `pre_caption` word limit.
+        image_root: folder for relative JSON image paths (default: each JSON file's folder).
+    Returns:
+        SourceSet with the samples of all sources concatenated in order.
+    Raises:
+        FileNotFoundError, ValueError: a missing, malformed or empty source, named.
+    """
+    samples: list[Sample] = []
+    sizes: list[int] = []
+    json_stats, shard_stats = LoadStats(), ShardStats()
+    for spec in specs:
+        before = len(samples)
+        files = expand_sources(str(spec))
+        if all(is_shard(f) for f in files):
+            for f in files:
+                for captions, offset, size in index_shard(f, max_words=max_words, stats=shard_stats):
+                    samples.append(Sample(str(Path(f).absolute()), captions, (offset, size)))
+        elif not any(is_shard(f) for f in files):
+            found, stats = load_caption_json(files, max_words=max_words, image_root=image_root)
+            samples.extend(found)
+            for name in ("files", "entries", "kept", "captions_kept", "empty_captions_dropped", "samples_skipped"):
+                setattr(json_stats, name, getattr(json_stats, name) + getattr(stats, name))
+        else:
+            raise ValueError(f"source {spec!r} mixes .tar shards and JSON files; give them as separate entries")
+        if len(samples) == before:
+            raise ValueError(f"source {spec!r} has no usable sample")
+        sizes.append(len(samples) - before)
+    if not samples:
+        raise ValueError("no training source given (data.train_files is empty)")
+    return SourceSet(samples, sizes, [str(s) for s in specs], json_stats, shard_stats)
 
 
 class EvalItems(NamedTuple):
@@ -333,11 +398,39 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             yield [(i, self.sample_seed(epoch, p)) for i, p in zip(indices, positions)]
 
 
+class MixtureBatchSampler(ResumableBatchSampler):
+    """`ResumableBatchSampler` over a weighted mixture of sources: the epoch's order is
+    `Mixture.order(epoch)` (global sample indices, sources up- or down-sampled by their weights) instead
+    of a plain permutation. Seeds, rank striding, workers and exact resume work as in the base class.
+
+    Args:
+        mixture: the sources' sizes and weights.
+        batch_size, seed, rank, world_size: as `ResumableBatchSampler` (the mixture's own seed is used
+            for the order; pass the same run seed to both).
+    """
+
+    def __init__(self, mixture: Mixture, batch_size: int, *, seed: int = 42, rank: int = 0,
+                 world_size: int = 1) -> None:
+        super().__init__(mixture.epoch_size, batch_size, seed=seed, rank=rank, world_size=world_size)
+        self.mixture = mixture
+
+    def permutation(self, epoch: int) -> Tensor:
+        """(N,) int64 global sample indices of epoch `epoch` (cached for the last epoch asked)."""
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, self.mixture.order(epoch))
+        return self._perm[1]
+
+
 # ------------------------------------------------------------------------------------------- dataset
 
 
-class ImageReadError(OSError):
-    """An image file could not be opened or decoded (the message names the file)."""
+class BadDataError(RuntimeError):
+    """So many samples in a row were unusable that the data, not a stray file, must be broken."""
+
+
+# A bad sample is replaced by another one drawn from its seed; after this many bad replacements in a row
+# the run stops with BadDataError (with ~50 % of the images bad this happens once in ~4,000 samples).
+MAX_REPLACEMENTS = 12
 
 
 class _StringTable:
@@ -356,12 +449,7 @@ class _StringTable:
         return self.data[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
 
 
-def load_rgb(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # convert() loads the pixels, so the file can be closed
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+ImageMode = Literal["decoded", "encoded"]
 
 
 class PretrainDataset(Dataset):
@@ -371,12 +459,22 @@ class PretrainDataset(Dataset):
     (uniform over the sample's captions, as ALBEF's `random.choice`), one for the image augmentation, and a
     CPU torch.Generator for the MLM mask. Nothing reads global RNG state, so worker seeding is irrelevant.
 
+    Bad samples. A sample whose image cannot be used (missing, empty, corrupt, truncated, too large; see
+    `images.py`) is replaced by the sample ``derive_seed("replace", seed, attempt) % n`` with the seed
+    ``derive_seed("replace-seed", seed, attempt)``, and the event is counted in `events`. The choice is a
+    pure function of the original seed, so the batch keeps its size and a resumed run replays the same
+    replacement: nothing else in the stream moves. Only `MAX_REPLACEMENTS` bad ones in a row raise
+    `BadDataError` (the data is broken, not a file).
+
     Args:
-        samples: from `load_caption_json`.
-        transform: the image pipeline.
+        samples: from `load_caption_json` / `load_sources`.
+        transform: the image pipeline (its size and augment also drive the encoded mode).
         max_text_len: token limit including [CLS] (ALBEF pretraining: 25).
         mlm_probability: MLM selection rate (ALBEF: 0.15).
         vocab_path: bert-base-uncased vocab.txt; None = the default lookup of `captions.bert_vocab_path`.
+        image_mode: "decoded": items carry the transformed image tensor (PIL backend); "encoded": items
+            carry the validated encoded bytes and the drawn `AugParams` for the DALI stage.
+        events: counters for bad/converted samples (a fresh one when None).
     """
 
     def __init__(
@@ -387,37 +485,55 @@ class PretrainDataset(Dataset):
         max_text_len: int = 25,
         mlm_probability: float = 0.15,
         vocab_path: str | Path | None = None,
+        image_mode: ImageMode = "decoded",
+        events: DataEvents | None = None,
     ) -> None:
         if len(samples) == 0:
             raise ValueError("PretrainDataset needs at least one sample")
+        if image_mode not in ("decoded", "encoded"):
+            raise ValueError(f"image_mode must be 'decoded' or 'encoded', got {image_mode!r}")
         self.transform = transform
+        self.image_mode: ImageMode = image_mode
         self.max_text_len = max_text_len
         self.mlm_probability = mlm_probability
         self.vocab_path = str(vocab_path) if vocab_path is not None else None
-        self._images = _StringTable([s.image for s in samples])
+        self.events = events if events is not None else DataEvents()
+        # Paths are deduplicated (all samples of a shard share its path): one id per sample.
+        path_ids: dict[str, int] = {}
+        ids = [path_ids.setdefault(s.image, len(path_ids)) for s in samples]
+        self._paths = _StringTable(list(path_ids))
+        self._path_id = np.asarray(ids, dtype=np.int64)
+        self._member = np.asarray([s.member if s.member is not None else (-1, -1) for s in samples], dtype=np.int64)
         self._captions = _StringTable([c for s in samples for c in s.captions])
         self._caption_offsets = np.zeros(len(samples) + 1, dtype=np.int64)
         np.cumsum([len(s.captions) for s in samples], out=self._caption_offsets[1:])
+        # JPEGs at least twice this side are decoded at reduced scale: RandomResizedCrop's smallest box
+        # (area 0.2, ratio 3/4) spans 0.39 of the shorter side, which then still has >= size pixels.
+        self._min_side = math.ceil(transform.size * (2.6 if transform.augment == "pretrain" else 1.0))
         # Build (and validate) the tokenizer now so a bad vocabulary fails here, not in a worker. Workers
         # rebuild it through the lru_cache (forked workers inherit the cache, spawned ones re-create it).
         build_tokenizer(self.vocab_path, self.max_text_len)
 
     def __len__(self) -> int:
-        return len(self._images)
+        return len(self._path_id)
 
     def sample(self, index: int) -> Sample:
         """The `Sample` stored at `index`."""
         lo, hi = self._caption_offsets[index], self._caption_offsets[index + 1]
-        return Sample(self._images[index], tuple(self._captions[j] for j in range(lo, hi)))
+        offset, size = (int(x) for x in self._member[index])
+        return Sample(self._paths[int(self._path_id[index])], tuple(self._captions[j] for j in range(lo, hi)),
+                      None if offset < 0 else (offset, size))
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        """One sample.
+        """One sample (or its deterministic replacement if its image is bad).
 
         Args:
             key: (sample_index, sample_seed).
         Returns:
-            dict with "image" (3, S, S) float32, "text_ids" (L,) int64 ([CLS] first, L <= max_text_len),
-            "mlm_ids" (L,) int64, "mlm_selected" (L,) bool, "index" int.
+            dict with "text_ids" (L,) int64 ([CLS] first, L <= max_text_len), "mlm_ids" (L,) int64,
+            "mlm_selected" (L,) bool, "index" int (of the sample actually used), and
+            "image" (3, S, S) float32 (decoded mode) or "encoded" (n,) uint8 + "params" AugParams | None
+            (encoded mode).
         """
         if not (isinstance(key, tuple) and len(key) == 2):
             raise TypeError(
@@ -427,25 +543,57 @@ class PretrainDataset(Dataset):
         index, sample_seed = int(key[0]), int(key[1])
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples")
+        errors = []
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            try:
+                return self._load(index, sample_seed)
+            except BadSampleError as e:
+                errors.append(str(e))
+                self.events.record(e.kind, str(e))
+                self.events.record("replaced")
+                index = derive_seed("replace", sample_seed, attempt) % len(self)
+                sample_seed = derive_seed("replace-seed", sample_seed, attempt)
+        raise BadDataError(f"{len(errors)} samples in a row had unusable images, so the data (not one file) looks "
+                           f"broken; check the paths and files. The last ones: {'; '.join(errors[-3:])}")
 
+    def load_image(self, index: int, sample_seed: int) -> Tensor:
+        """The decoded, transformed image of sample `index` with the PIL twin (raises BadSampleError);
+        used by the DALI loader when DALI fails on a batch."""
+        offset, size = (int(x) for x in self._member[index])
+        path = self._paths[int(self._path_id[index])]
+        data = read_image_bytes(path, None if offset < 0 else (offset, size))
+        img, _ = decode_rgb(data, path, min_side=self._min_side)
+        return self.transform(img, random.Random(derive_seed("image", sample_seed)))
+
+    def _load(self, index: int, sample_seed: int) -> dict[str, Any]:
         lo, hi = int(self._caption_offsets[index]), int(self._caption_offsets[index + 1])
         caption_rng = random.Random(derive_seed("caption", sample_seed))
         caption = self._captions[caption_rng.randrange(lo, hi)]
 
-        path = self._images[index]
-        image = self.transform(load_rgb(path), random.Random(derive_seed("image", sample_seed)))
+        offset, size = (int(x) for x in self._member[index])
+        path = self._paths[int(self._path_id[index])]
+        name = path if offset < 0 else f"{path} (member at byte {offset})"
+        data = read_image_bytes(path, None if offset < 0 else (offset, size))
+        image_rng = random.Random(derive_seed("image", sample_seed))
+        item: dict[str, Any] = {"index": index, "seed": sample_seed}
+        if self.image_mode == "decoded":
+            img, converted = decode_rgb(data, name, min_side=self._min_side)
+            item["image"] = self.transform(img, image_rng)
+            event = "converted_mode" if converted else None
+        else:
+            encoded, width, height, event = encoded_image(data, name, min_side=self._min_side)
+            item["encoded"] = encoded
+            item["params"] = (draw_pretrain_params(width, height, image_rng)
+                              if self.transform.augment == "pretrain" else None)
+        if event is not None:
+            self.events.record(event, f"{name}: {event.replace('_', ' ')}")
 
         ids = build_tokenizer(self.vocab_path, self.max_text_len).encode(caption).ids
         text_ids = torch.tensor(ids, dtype=torch.int64)
         mask_gen = torch.Generator().manual_seed(derive_seed("mask", sample_seed))
         mlm_ids, selected = mask_tokens(text_ids, mask_gen, probability=self.mlm_probability)
-        return {
-            "image": image,
-            "text_ids": text_ids,
-            "mlm_ids": mlm_ids,
-            "mlm_selected": selected,
-            "index": index,
-        }
+        item.update(text_ids=text_ids, mlm_ids=mlm_ids, mlm_selected=selected)
+        return item
 
 
 # ----------------------------------------------------------------------------------------- collation
@@ -465,18 +613,25 @@ def _stack_images(images: list[Tensor]) -> Tensor:
     return torch.stack(images, 0, out=out)
 
 
-def collate(items: Sequence[dict[str, Any]]) -> Batch:
-    """Pad and stack dataset items into a `Batch` (ALBEF `padding='longest'`).
+@dataclass
+class EncodedBatch:
+    """A collated batch whose images are still encoded (DALI backends decode them in the main process)."""
 
-    Args:
-        items: B dicts from `PretrainDataset.__getitem__`.
-    Returns:
-        Batch with image (B, 3, S, S), text_ids/text_mask/mlm_ids (B, L) int64 where L is the longest
-        caption of the batch (padding [PAD]=0, mask 0), mlm_positions (M,) ascending flat indices b*L + t
-        of the selected tokens and mlm_labels (M,) = text_ids.flatten()[mlm_positions].
-    """
-    if not items:
-        raise ValueError("collate got an empty batch")
+    encoded: list[np.ndarray]
+    """B 1-D uint8 arrays (validated encoded files)."""
+    params: list[AugParams | None]
+    """B drawn augmentations (None for the resize-only transform)."""
+    keys: list[tuple[int, int]]
+    """B (index, seed) of the samples used (after replacement): the PIL twin re-decodes from them."""
+    text: dict[str, Tensor]
+    """The Batch text fields: text_ids, text_mask, mlm_ids, mlm_positions, mlm_labels."""
+
+    def to_batch(self, image: Tensor) -> Batch:
+        """The `Batch` with `image` (B, 3, S, S)."""
+        return Batch(image=image, **self.text)
+
+
+def _collate_text(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
     B = len(items)
     lengths = torch.tensor([len(it["text_ids"]) for it in items], dtype=torch.int64)
     L = int(lengths.max())
@@ -491,14 +646,28 @@ def collate(items: Sequence[dict[str, Any]]) -> Batch:
     text_mask = (torch.arange(L).unsqueeze(0) < lengths.unsqueeze(1)).to(torch.int64)
     mlm_positions = selected.view(-1).nonzero().squeeze(1)  # nonzero() returns ascending indices
     mlm_labels = text_ids.view(-1)[mlm_positions]
-    return Batch(
-        image=_stack_images([it["image"] for it in items]),
-        text_ids=text_ids,
-        text_mask=text_mask,
-        mlm_ids=mlm_ids,
-        mlm_positions=mlm_positions,
-        mlm_labels=mlm_labels,
-    )
+    return {"text_ids": text_ids, "text_mask": text_mask, "mlm_ids": mlm_ids, "mlm_positions": mlm_positions,
+            "mlm_labels": mlm_labels}
+
+
+def collate(items: Sequence[dict[str, Any]]) -> Batch | EncodedBatch:
+    """Pad and stack dataset items into a `Batch` (ALBEF `padding='longest'`).
+
+    Args:
+        items: B dicts from `PretrainDataset.__getitem__`.
+    Returns:
+        Batch with image (B, 3, S, S), text_ids/text_mask/mlm_ids (B, L) int64 where L is the longest
+        caption of the batch (padding [PAD]=0, mask 0), mlm_positions (M,) ascending flat indices b*L + t
+        of the selected tokens and mlm_labels (M,) = text_ids.flatten()[mlm_positions]. For items of an
+        "encoded" dataset: an EncodedBatch with the same text fields and the encoded images.
+    """
+    if not items:
+        raise ValueError("collate got an empty batch")
+    text = _collate_text(items)
+    if "encoded" in items[0]:
+        return EncodedBatch([it["encoded"] for it in items], [it["params"] for it in items],
+                            [(it["index"], it["seed"]) for it in items], text)
+    return Batch(image=_stack_images([it["image"] for it in items]), **text)
 
 
 def build_pretrain_loader(
@@ -525,6 +694,7 @@ def build_pretrain_loader(
     Returns:
         DataLoader yielding `Batch` objects.
     """
+    dataset.events.resize(num_workers + 1)  # one counter row per process, before the workers start
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs["persistent_workers"] = True

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
@@ -78,6 +79,8 @@ RA_OPS = (
     "TranslateY",
     "Rotate",
 )
+# Ops whose magnitude gets a random sign (drawn only when the op is applied, as ALBEF does).
+SIGNED_OPS = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"})
 _LEVEL = RA_MAGNITUDE / RA_MAX_LEVEL
 ENHANCE_FACTOR = _LEVEL * 1.8 + 0.1  # 1.36
 SHEAR_FACTOR = _LEVEL * 0.3  # 0.21 = tan(shear angle)
@@ -145,11 +148,6 @@ def _translate(img: Image.Image, dx: int, dy: int) -> Image.Image:
     return TF.crop(padded, max(-dy, 0), max(-dx, 0), height, width)
 
 
-def _signed(value: float, rng: random.Random) -> float:
-    # ALBEF flips the sign of a magnitude with probability 0.5.
-    return -value if rng.random() > 0.5 else value
-
-
 def apply_op(img: Image.Image, name: str, rng: random.Random) -> Image.Image:
     """Apply one RandomAugment op of ALBEF's list at M=7 (signs drawn from `rng`).
 
@@ -160,6 +158,13 @@ def apply_op(img: Image.Image, name: str, rng: random.Random) -> Image.Image:
     Returns:
         The transformed RGB PIL image, same size.
     """
+    # ALBEF flips the sign of a magnitude with probability 0.5 (drawn only for the signed ops).
+    sign = -1 if name in SIGNED_OPS and rng.random() > 0.5 else 1
+    return apply_signed_op(img, name, sign)
+
+
+def apply_signed_op(img: Image.Image, name: str, sign: int) -> Image.Image:
+    """`apply_op` with the sign of the magnitude given (+1/-1; ignored by the unsigned ops)."""
     if name == "Identity":
         return img
     if name == "AutoContrast":
@@ -172,15 +177,15 @@ def apply_op(img: Image.Image, name: str, rng: random.Random) -> Image.Image:
         return TF.adjust_sharpness(img, ENHANCE_FACTOR)
     if name == "ShearX":
         # Anchored at the top-left corner, as OpenCV's warpAffine with [[1, f, 0], [0, 1, 0]].
-        return TF.affine(img, 0.0, [0, 0], 1.0, [_signed(_SHEAR_DEG, rng), 0.0], _BILINEAR, FILL, [0, 0])
+        return TF.affine(img, 0.0, [0, 0], 1.0, [sign * _SHEAR_DEG, 0.0], _BILINEAR, FILL, [0, 0])
     if name == "ShearY":
-        return TF.affine(img, 0.0, [0, 0], 1.0, [0.0, _signed(_SHEAR_DEG, rng)], _BILINEAR, FILL, [0, 0])
+        return TF.affine(img, 0.0, [0, 0], 1.0, [0.0, sign * _SHEAR_DEG], _BILINEAR, FILL, [0, 0])
     if name == "TranslateX":
-        return _translate(img, int(_signed(TRANSLATE_PX, rng)), 0)
+        return _translate(img, sign * TRANSLATE_PX, 0)
     if name == "TranslateY":
-        return _translate(img, 0, int(_signed(TRANSLATE_PX, rng)))
+        return _translate(img, 0, sign * TRANSLATE_PX)
     if name == "Rotate":
-        return TF.rotate(img, _signed(ROTATE_DEG, rng), _BILINEAR, fill=FILL)
+        return TF.rotate(img, sign * ROTATE_DEG, _BILINEAR, fill=FILL)
     raise ValueError(f"unknown RandomAugment op {name!r}; valid ops: {', '.join(RA_OPS)}")
 
 
@@ -192,6 +197,68 @@ def random_augment(img: Image.Image, rng: random.Random, num_ops: int = RA_NUM_O
             continue
         img = apply_op(img, name, rng)
     return img
+
+
+@dataclass(frozen=True, slots=True)
+class AugParams:
+    """Every random draw of the pretraining augmentation of one sample, in source-image pixels.
+
+    The PIL pipeline and the DALI graph both apply these, so one seed gives the same crop, flip and
+    RandomAugment ops on every backend (only the pixel arithmetic differs).
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    """Crop box of RandomResizedCrop in the source image (before the resize to size x size)."""
+    flip: bool
+    ops: tuple[tuple[str, int], ...]
+    """The RandomAugment ops that are applied, in order, each with its sign (+1/-1; +1 for unsigned ops)."""
+
+
+def draw_pretrain_params(width: int, height: int, rng: random.Random) -> AugParams:
+    """Draw the pretraining augmentation of an image of `width` x `height` pixels from `rng`.
+
+    The draws happen in exactly the order of the original composition (crop, flip, the N op choices,
+    then per op the apply coin and, if applied and signed, the sign), so that `ImageTransform` output
+    is unchanged by this factoring.
+
+    Args:
+        width, height: source image size in pixels.
+        rng: the per-sample RNG.
+    Returns:
+        AugParams.
+    """
+    top, left, h, w = random_resized_crop_params(width, height, rng)
+    flip = rng.random() < 0.5  # torchvision RandomHorizontalFlip: `if torch.rand(1) < p`
+    names = [rng.choice(RA_OPS) for _ in range(RA_NUM_OPS)]
+    ops = []
+    for name in names:
+        if rng.random() > 0.5:  # ALBEF: `if np.random.random() > prob: continue`
+            continue
+        sign = (-1 if rng.random() > 0.5 else 1) if name in SIGNED_OPS else 1  # ALBEF's 50/50 negation
+        ops.append((name, sign))
+    return AugParams(top, left, h, w, flip, tuple(ops))
+
+
+def apply_pretrain_params(img: Image.Image, params: AugParams, size: int) -> Tensor:
+    """Apply drawn pretraining params with PIL (the CPU twin of the DALI graph).
+
+    Args:
+        img: RGB PIL image, the size the params were drawn for.
+        params: from `draw_pretrain_params`.
+        size: output side.
+    Returns:
+        (3, size, size) float32, CLIP-normalised.
+    """
+    p = params
+    img = TF.resized_crop(img, p.top, p.left, p.height, p.width, [size, size], _BICUBIC)
+    if p.flip:
+        img = TF.hflip(img)
+    for name, sign in p.ops:
+        img = apply_signed_op(img, name, sign)
+    return to_normalized_tensor(img)
 
 
 def to_normalized_tensor(img: Image.Image) -> Tensor:
@@ -251,10 +318,4 @@ class ImageTransform:
                 "the 'pretrain' transform needs a per-sample random.Random instance, "
                 f"got {type(rng).__name__}"
             )
-        width, height = img.size
-        top, left, h, w = random_resized_crop_params(width, height, rng)
-        img = TF.resized_crop(img, top, left, h, w, [size, size], _BICUBIC)
-        if rng.random() < 0.5:  # torchvision RandomHorizontalFlip: `if torch.rand(1) < p`
-            img = TF.hflip(img)
-        img = random_augment(img, rng)
-        return to_normalized_tensor(img)
+        return apply_pretrain_params(img, draw_pretrain_params(*img.size, rng), size)

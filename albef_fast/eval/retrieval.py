@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from albef_fast.data.captions import PAD_ID, pre_caption, tokenize
-from albef_fast.data.dataset import build_eval_items, load_rgb
+from albef_fast.data.dataset import build_eval_items
+from albef_fast.data.images import load_rgb
 from albef_fast.data.transforms import ImageTransform
 from albef_fast.models.albef import ALBEF
 

@@ -323,16 +323,37 @@ def test_dataset_rejects_plain_index(dataset):
 
 
 def test_unreadable_image_names_file(tmp_path):
+    from albef_fast.data.dataset import BadDataError
+    from albef_fast.data.images import load_rgb
+
     bad = tmp_path / "corrupt.jpg"
     bad.write_bytes(b"definitely not a jpeg")
     missing = tmp_path / "missing.jpg"
+    with pytest.raises(ImageReadError, match="corrupt.jpg"):
+        load_rgb(bad)
+    with pytest.raises(ImageReadError, match="missing.jpg"):
+        load_rgb(missing)
+    # A dataset whose every image is bad cannot replace them: it stops with a message naming files.
     ds = PretrainDataset(
         [Sample(str(bad), ("a caption",)), Sample(str(missing), ("another",))], ImageTransform(16, "none")
     )
-    with pytest.raises(ImageReadError, match="corrupt.jpg"):
+    with pytest.raises(BadDataError, match="corrupt.jpg|missing.jpg"):
         ds[(0, 0)]
-    with pytest.raises(ImageReadError, match="missing.jpg"):
-        ds[(1, 0)]
+
+
+def test_transform_equals_the_original_composition():
+    """ImageTransform (draw params, then apply) == crop + flip + random_augment drawing as it goes."""
+    import torchvision.transforms.functional as TF
+
+    img = _noise_image(70, 52, 8)
+    for seed in range(40):
+        rng = random.Random(seed)
+        top, left, h, w = tr.random_resized_crop_params(70, 52, rng)
+        ref = TF.resized_crop(img, top, left, h, w, [24, 24], T.InterpolationMode.BICUBIC)
+        if rng.random() < 0.5:
+            ref = TF.hflip(ref)
+        ref = tr.to_normalized_tensor(tr.random_augment(ref, rng))
+        assert torch.equal(ImageTransform(24, "pretrain")(img, random.Random(seed)), ref), seed
 
 
 # ------------------------------------------------------------------------------------------- collate

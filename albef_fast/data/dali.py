@@ -1,0 +1,251 @@
+"""NVIDIA DALI image pipeline: decoding and the ALBEF augmentation on the GPU ("mixed" decoding), or
+the same graph on the CPU (device_id=None), which is how the unit tests exercise it without a GPU.
+
+Output contract (same as the PIL twin `transforms.ImageTransform`): (B, 3, size, size) float32,
+CLIP-normalised; on the GPU backend the tensor is already on the CUDA device.
+
+Randomness. DALI's own random operators draw from a pipeline-wide generator, so a sample's
+augmentation would depend on everything the pipeline processed before it and a resumed run could not
+replay it. Here the graph has *no* random operator: every draw is made on the host by
+`transforms.draw_pretrain_params` from the per-sample seed (the same function the PIL path uses) and
+fed in with the encoded bytes, so one seed gives the same crop, flip and RandomAugment ops on every
+backend. Only the pixel arithmetic differs (distributional parity, as PERFORMANCE.md §3 says).
+
+The graph, per sample (pretrain):
+
+    decode (mixed: nvJPEG / HW decoder; cpu: libjpeg-turbo etc.) -> RGB uint8 HWC
+    -> resize of the crop box (roi) to size x size, cubic, antialiased    (RandomResizedCrop)
+    -> flip (horizontal, per-sample flag)                                  (RandomHorizontalFlip)
+    -> 2 x RandomAugment slot: a DALI conditional on the host-drawn op code
+         AutoContrast: per-channel (x - min) * 255 / (max - min), identity for a flat channel
+         Equalize:     fn.equalize (per-channel histogram equalisation)
+         Brightness:   fn.brightness(1.36)
+         Sharpness:    3x3 correlation with 1.36*delta - 0.36*PIL's SMOOTH kernel (PIL blends the
+                       smoothed image with factor 1.36; the blend is linear, so one kernel does it;
+                       PIL keeps the one-pixel border, here the border is clamped)
+         ShearX/Y, TranslateX/Y, Rotate: fn.warp_affine with the host-built 2x3 destination->source
+                       matrix, bilinear, fill 128
+    -> crop_mirror_normalize to CHW float32 with the CLIP mean/std (x 255).
+
+"none" (evaluation): decode -> resize to size x size (cubic) -> normalise.
+
+Robustness. DALI fails a whole batch on one undecodable sample, so the dataset validates every image
+on the host first (header parse, truncation check, format whitelist; see `dataset.encoded_image`)
+and replaces bad samples before they get here. If DALI still fails on a batch, the loader decodes
+that batch with the PIL twin instead and counts it (`loader.DaliLoader`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from albef_fast.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ENHANCE_FACTOR,
+    RA_NUM_OPS,
+    ROTATE_DEG,
+    SHEAR_FACTOR,
+    TRANSLATE_PX,
+    Augment,
+    AugParams,
+)
+
+__all__ = ["OP_CODES", "DaliImagePipeline", "affine_matrix", "dali_unavailable_reason", "sample_inputs"]
+
+# Op codes fed to the graph (0 = slot not applied / Identity).
+OP_CODES = {"Identity": 0, "AutoContrast": 1, "Equalize": 2, "Brightness": 3, "Sharpness": 4,
+            "ShearX": 5, "ShearY": 5, "TranslateX": 5, "TranslateY": 5, "Rotate": 5}
+_AFFINE = 5
+
+# PIL's ImageFilter.SMOOTH kernel; Sharpness(f) = f * img + (1 - f) * smooth(img).
+_SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float64) / 13.0
+_SHARPEN = (ENHANCE_FACTOR * np.pad(np.ones((1, 1)), 1) + (1.0 - ENHANCE_FACTOR) * _SMOOTH).astype(np.float32)
+
+
+def dali_unavailable_reason() -> str | None:
+    """None when `nvidia.dali` imports, else why not (for the backend log line)."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising OSError on its libraries
+        return f"nvidia-dali is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def affine_matrix(name: str, sign: int, size: int) -> np.ndarray:
+    """The destination->source 2x3 matrix of a geometric RandomAugment op on a size x size image.
+
+    DALI's continuous coordinates put pixel centres at +0.5, so the rotation centre is (size/2, size/2).
+    The directions match the PIL twin for the same sign (tests/unit/test_data_dali.py checks it).
+
+    Args:
+        name: ShearX, ShearY, TranslateX, TranslateY or Rotate.
+        sign: +1 or -1, the drawn sign of the magnitude.
+        size: image side in pixels.
+    Returns:
+        (2, 3) float32.
+    """
+    if name == "ShearX":  # anchored at the top-left corner (OpenCV warpAffine [[1, f, 0], [0, 1, 0]])
+        m = [[1.0, sign * SHEAR_FACTOR, 0.0], [0.0, 1.0, 0.0]]
+    elif name == "ShearY":
+        m = [[1.0, 0.0, 0.0], [sign * SHEAR_FACTOR, 1.0, 0.0]]
+    elif name == "TranslateX":  # content moves by +sign*7 px: source = destination - shift
+        m = [[1.0, 0.0, -sign * TRANSLATE_PX], [0.0, 1.0, 0.0]]
+    elif name == "TranslateY":
+        m = [[1.0, 0.0, 0.0], [0.0, 1.0, -sign * TRANSLATE_PX]]
+    elif name == "Rotate":  # counter-clockwise on screen for sign +1, as PIL's rotate
+        a = math.radians(sign * ROTATE_DEG)
+        c, s = math.cos(a), math.sin(a)
+        centre = size / 2.0
+        # source = centre + R(-a) (destination - centre) in y-down coordinates
+        m = [[c, -s, centre - c * centre + s * centre], [s, c, centre - s * centre - c * centre]]
+    else:
+        raise ValueError(f"{name!r} is not a geometric RandomAugment op")
+    return np.asarray(m, dtype=np.float32)
+
+
+def sample_inputs(params: AugParams, size: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """The per-sample graph inputs of drawn params: roi (4,), flip (), op codes and matrices per slot."""
+    roi = np.array([params.top, params.left, params.top + params.height, params.left + params.width], np.float32)
+    codes, mats = [], []
+    slots = list(params.ops) + [("Identity", 1)] * (RA_NUM_OPS - len(params.ops))
+    for name, sign in slots:
+        code = OP_CODES[name]
+        codes.append(np.array(code, np.int32))
+        mats.append(affine_matrix(name, sign, size) if code == _AFFINE else np.eye(2, 3, dtype=np.float32))
+    return roi, np.array(int(params.flip), np.int32), codes, mats
+
+
+def _build(batch_size: int, size: int, augment: Augment, device: Literal["gpu", "cpu"], num_threads: int,
+           device_id: int | None):
+    from nvidia.dali import fn, pipeline_def, types
+    import nvidia.dali.math as dmath
+
+    decoder_device = "mixed" if device == "gpu" else "cpu"
+    mean = [255.0 * m for m in CLIP_MEAN]
+    std = [255.0 * s for s in CLIP_STD]
+
+    def autocontrast(img):
+        f = fn.cast(img, dtype=types.FLOAT)
+        lo = fn.reductions.min(f, axes=[0, 1])  # (3,) per channel
+        hi = fn.reductions.max(f, axes=[0, 1])
+        spread = hi - lo
+        ok = spread > 0  # a flat channel stays as it is (PIL's autocontrast)
+        scale = ok * (255.0 / dmath.max(spread, 1.0)) + (1 - ok)
+        return fn.cast(dmath.clamp((f - lo * ok) * scale + 0.5, 0.0, 255.0), dtype=types.UINT8)
+
+    @pipeline_def(enable_conditionals=True)
+    def pretrain():
+        enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        roi = fn.external_source(name="roi", dtype=types.FLOAT, ndim=1)
+        flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
+        codes = [fn.external_source(name=f"op{k}", dtype=types.INT32, ndim=0) for k in range(RA_NUM_OPS)]
+        mats = [fn.external_source(name=f"mat{k}", dtype=types.FLOAT, ndim=2) for k in range(RA_NUM_OPS)]
+        img = fn.decoders.image(enc, device=decoder_device, output_type=types.RGB)
+        img = fn.resize(img, roi_start=roi[0:2], roi_end=roi[2:4], roi_relative=False, size=[size, size],
+                        interp_type=types.INTERP_CUBIC, antialias=True)
+        img = fn.flip(img, horizontal=flip)
+        for code, mat in zip(codes, mats):
+            if code == 1:
+                img = autocontrast(img)
+            elif code == 2:
+                img = fn.equalize(img)
+            elif code == 3:
+                img = fn.brightness(img, brightness=ENHANCE_FACTOR)
+            elif code == 4:
+                img = fn.filter(img, types.Constant(_SHARPEN), border="clamp")
+            elif code == _AFFINE:
+                img = fn.warp_affine(img, matrix=mat, fill_value=128, interp_type=types.INTERP_LINEAR)
+        return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
+
+    @pipeline_def
+    def resize_only():
+        enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        img = fn.decoders.image(enc, device=decoder_device, output_type=types.RGB)
+        img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+        return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
+
+    graph = pretrain if augment == "pretrain" else resize_only
+    # Fed synchronously batch by batch (feed_input, then run): the loader's workers already overlap the
+    # host work with the previous step, and an unpipelined executor needs no look-ahead feeding.
+    pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, exec_pipelined=False,
+                 exec_async=False, prefetch_queue_depth=1)
+    pipe.build()
+    return pipe
+
+
+class DaliImagePipeline:
+    """Decode + augment a batch of encoded images with DALI.
+
+    Args:
+        size: output side in pixels.
+        augment: "pretrain" or "none".
+        batch_size: the largest batch that will be fed.
+        device: "gpu" ("mixed" decoding, output on the current CUDA device) or "cpu" (no GPU needed).
+        num_threads: DALI CPU threads.
+    """
+
+    def __init__(self, size: int, augment: Augment, batch_size: int, *, device: Literal["gpu", "cpu"] = "gpu",
+                 num_threads: int = 2) -> None:
+        reason = dali_unavailable_reason()
+        if reason:
+            raise RuntimeError(f"the DALI image backend was asked for but {reason}; "
+                               "install nvidia-dali-cuda130 (make venv) or use data.image_backend=pil")
+        if device not in ("gpu", "cpu"):
+            raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+        if device == "gpu" and not torch.cuda.is_available():
+            raise RuntimeError("the DALI GPU backend needs CUDA; use data.image_backend=dali_cpu or pil")
+        self.size, self.augment, self.batch_size, self.device = size, augment, batch_size, device
+        self.num_threads = num_threads
+        self.device_id = torch.cuda.current_device() if device == "gpu" else None
+        self._pipe = None
+
+    def __repr__(self) -> str:
+        return f"DaliImagePipeline(size={self.size}, augment={self.augment!r}, device={self.device!r})"
+
+    def reset(self) -> None:
+        """Drop the pipeline (after a failure DALI pipelines are not reusable); the next call rebuilds it."""
+        self._pipe = None
+
+    def __call__(self, encoded: Sequence[np.ndarray], params: Sequence[AugParams | None]) -> Tensor:
+        """Decode and transform one batch.
+
+        Args:
+            encoded: B 1-D uint8 arrays, each a complete JPEG/PNG/... file (validated by the dataset).
+            params: B drawn `AugParams` (pretrain) or Nones ("none").
+        Returns:
+            (B, 3, size, size) float32, CLIP-normalised; on CUDA for device="gpu".
+        """
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        B = len(encoded)
+        if not 0 < B <= self.batch_size or len(params) != B:
+            raise ValueError(f"need 1..{self.batch_size} images with one params each, got {B} and {len(params)}")
+        if self._pipe is None:
+            self._pipe = _build(self.batch_size, self.size, self.augment, self.device, self.num_threads,
+                                self.device_id)
+        pipe = self._pipe
+        pipe.feed_input("encoded", list(encoded))
+        if self.augment == "pretrain":
+            per_sample = [sample_inputs(p, self.size) for p in params]
+            pipe.feed_input("roi", [s[0] for s in per_sample])
+            pipe.feed_input("flip", [s[1] for s in per_sample])
+            for k in range(RA_NUM_OPS):
+                pipe.feed_input(f"op{k}", [s[2][k] for s in per_sample])
+                pipe.feed_input(f"mat{k}", [s[3][k] for s in per_sample])
+        (out,) = pipe.run()
+        dense = out.as_tensor()  # (B, 3, size, size): every sample has the same shape
+        device = torch.device("cuda", self.device_id) if self.device == "gpu" else torch.device("cpu")
+        result = torch.empty(tuple(dense.shape()), dtype=torch.float32, device=device)
+        if self.device == "gpu":
+            feed_ndarray(dense, result, cuda_stream=torch.cuda.current_stream(device))
+        else:
+            feed_ndarray(dense, result)
+        return result

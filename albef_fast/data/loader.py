@@ -1,0 +1,218 @@
+"""The pretraining loader with its image backend: PIL in the loader workers, or DALI (GPU, or CPU for
+tests) in the main process after the workers have read, validated and tokenised.
+
+Backends (all give `Batch.image` (B, 3, S, S) float32 CLIP-normalised, from the same drawn params):
+
+* ``pil``: decode + augment in the DataLoader workers (`transforms.ImageTransform`); the CPU fallback
+  and the reference twin.
+* ``dali``: workers read the encoded bytes, validate them, draw the augmentation params, clean and
+  tokenise the caption and mask it; the main process decodes and augments on the GPU ("mixed"
+  decoding); `Batch.image` arrives on the CUDA device.
+* ``dali_cpu``: the same DALI graph on the CPU (device_id=None); this is how CI tests the graph.
+* ``auto``: ``dali`` when training on CUDA and DALI imports, else ``pil``. The choice is logged.
+
+Sharding: the batch sampler strides positions across ranks; the DataLoader hands whole batches to its
+workers round-robin, so each worker reads disjoint samples. Exact resume is the sampler's (the DALI
+stage draws nothing itself).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from albef_fast.data.batch import Batch
+from albef_fast.data.dali import DaliImagePipeline, dali_unavailable_reason
+from albef_fast.data.dataset import (
+    EncodedBatch,
+    PretrainDataset,
+    ResumableBatchSampler,
+    build_pretrain_loader,
+)
+from albef_fast.data.images import BadSampleError
+
+log = logging.getLogger("albef_fast")
+
+__all__ = ["BACKENDS", "DaliLoader", "build_loader", "choose_backend"]
+
+Backend = Literal["auto", "dali", "dali_cpu", "pil"]
+BACKENDS: tuple[str, ...] = ("auto", "dali", "dali_cpu", "pil")
+
+
+def choose_backend(requested: str, device: torch.device) -> str:
+    """Resolve `data.image_backend` to "dali", "dali_cpu" or "pil" and log the choice once.
+
+    Args:
+        requested: one of `BACKENDS`.
+        device: the training device.
+    Returns:
+        the backend to use.
+    Raises:
+        ValueError: unknown name. RuntimeError: "dali"/"dali_cpu" asked for but unavailable.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"data.image_backend={requested!r} is unknown; valid: {', '.join(BACKENDS)}")
+    reason = dali_unavailable_reason()
+    if requested == "auto":
+        if device.type != "cuda":
+            chosen, why = "pil", f"training on {device.type}"
+        elif reason:
+            chosen, why = "pil", reason
+        else:
+            chosen, why = "dali", "CUDA and nvidia-dali available"
+        log.info("data: image backend %s (auto: %s)", chosen, why)
+        return chosen
+    if requested in ("dali", "dali_cpu") and reason:
+        raise RuntimeError(f"data.image_backend={requested} but {reason}; install nvidia-dali-cuda130 or use pil")
+    if requested == "dali" and device.type != "cuda":
+        raise RuntimeError(f"data.image_backend=dali decodes on the GPU but the device is {device}; "
+                           "use dali_cpu or pil")
+    log.info("data: image backend %s (asked for)", requested)
+    return requested
+
+
+class DaliLoader:
+    """Iterates a DataLoader of `EncodedBatch` and decodes each batch with DALI into a `Batch`.
+
+    If DALI raises on a batch (a file that passed the host checks but has corrupt data), the pipeline is
+    rebuilt and that batch is decoded with the PIL twin from the same params, counted as
+    "dali_batch_fallback"; a sample PIL cannot decode either gets the dataset's deterministic
+    replacement. The batch keeps its size and order either way.
+
+    Args:
+        loader: DataLoader over an "encoded" PretrainDataset.
+        pipeline: the DALI stage.
+        dataset: the dataset (for the fallback and the event counters).
+    """
+
+    def __init__(self, loader: DataLoader, pipeline: DaliImagePipeline, dataset: PretrainDataset) -> None:
+        self.loader, self.pipeline, self.dataset = loader, pipeline, dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def batch_sampler(self) -> Any:
+        return self.loader.batch_sampler
+
+    def __iter__(self) -> Iterator[Batch]:
+        for encoded in self.loader:
+            yield self._decode(encoded)
+
+    def _decode(self, batch: EncodedBatch) -> Batch:
+        try:
+            return batch.to_batch(self.pipeline(batch.encoded, batch.params))
+        except RuntimeError as e:
+            self.pipeline.reset()
+            self.dataset.events.record("dali_batch_fallback",
+                                       f"DALI failed on a batch ({str(e).splitlines()[0][:200]}); decoded with PIL")
+        images = []
+        for index, seed in batch.keys:
+            try:
+                images.append(self.dataset.load_image(index, seed))
+            except BadSampleError as bad:
+                self.dataset.events.record(bad.kind, str(bad))
+                self.dataset.events.record("replaced")
+                images.append(self._replacement(index, seed))
+        image = torch.stack(images)
+        if self.pipeline.device == "gpu":
+            image = image.to(torch.device("cuda", self.pipeline.device_id), non_blocking=True)
+        return batch.to_batch(image)
+
+    def _replacement(self, index: int, seed: int) -> torch.Tensor:
+        # The dataset's own replacement chain (from this sample's seed), decoded with PIL.
+        from albef_fast.data.dataset import derive_seed
+
+        for attempt in range(8):
+            index = derive_seed("replace", seed, attempt) % len(self.dataset)
+            seed = derive_seed("replace-seed", seed, attempt)
+            try:
+                return self.dataset.load_image(index, seed)
+            except BadSampleError as bad:
+                self.dataset.events.record(bad.kind, str(bad))
+                self.dataset.events.record("replaced")
+        raise RuntimeError("no decodable replacement found after a DALI failure; the data look broken")
+
+
+def build_loader(
+    dataset: PretrainDataset,
+    sampler: ResumableBatchSampler,
+    backend: str,
+    *,
+    num_workers: int,
+    pin_memory: bool,
+    dali_threads: int = 4,
+    prefetch_factor: int | None = None,
+) -> DataLoader | DaliLoader:
+    """The pretraining loader for a resolved backend (`choose_backend`).
+
+    Args:
+        dataset: built with image_mode "decoded" for pil, "encoded" for the DALI backends.
+        sampler: its batch sampler; call `set_epoch` before each iteration.
+        backend: "pil", "dali" or "dali_cpu".
+        num_workers, pin_memory, prefetch_factor: DataLoader settings (pin_memory is ignored for DALI:
+            its images are produced on the device, and the small text tensors are copied as they are).
+        dali_threads: DALI CPU threads.
+    Returns:
+        an iterable of `Batch`, re-iterable once per epoch.
+    """
+    want = "decoded" if backend == "pil" else "encoded"
+    if dataset.image_mode != want:
+        raise ValueError(f"backend {backend!r} needs a dataset with image_mode={want!r}, got {dataset.image_mode!r}")
+    if backend == "pil":
+        return build_pretrain_loader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory,
+                                     prefetch_factor=prefetch_factor)
+    if backend not in ("dali", "dali_cpu"):
+        raise ValueError(f"backend must be pil, dali or dali_cpu, got {backend!r}")
+    loader = build_pretrain_loader(dataset, sampler, num_workers=num_workers, pin_memory=False,
+                                   prefetch_factor=prefetch_factor)
+    pipeline = DaliImagePipeline(dataset.transform.size, dataset.transform.augment, sampler.batch_size,
+                                 device="gpu" if backend == "dali" else "cpu", num_threads=dali_threads)
+    return DaliLoader(loader, pipeline, dataset)
+
+
+def build_training_data(
+    data: Any,
+    train_files: list[str],
+    image_size: int,
+    *,
+    seed: int,
+    device: torch.device,
+    mlm_probability: float,
+) -> tuple[PretrainDataset, ResumableBatchSampler, DataLoader | DaliLoader, dict[str, int]]:
+    """Everything the training loop needs from `data` (a `config.DataConfig`): sources, sampler (weighted
+    mixture when `data.train_weights` is set), dataset for the chosen backend, and the loader.
+
+    Returns:
+        (dataset, sampler, loader, load statistics by name); `dataset.events.totals()` gives the
+        bad/converted sample counts at any time.
+    """
+    from albef_fast.data.dataset import MixtureBatchSampler, load_sources
+    from albef_fast.data.sources import Mixture
+    from albef_fast.data.transforms import ImageTransform
+
+    sources = load_sources(train_files, max_words=data.max_words)
+    backend = choose_backend(data.image_backend, device)
+    dataset = PretrainDataset(sources.samples, ImageTransform(image_size, data.augment),
+                              max_text_len=data.max_text_len, mlm_probability=mlm_probability,
+                              image_mode="decoded" if backend == "pil" else "encoded")
+    if data.train_weights:
+        mixture = Mixture(sources.sizes, data.train_weights, seed=seed)
+        sampler: ResumableBatchSampler = MixtureBatchSampler(mixture, data.batch_size, seed=seed)
+        log.info("data: mixing %s with weights %s -> %s samples per epoch", sources.names, data.train_weights,
+                 mixture.counts)
+    else:
+        sampler = ResumableBatchSampler(len(dataset), data.batch_size, seed=seed)
+    loader = build_loader(dataset, sampler, backend, num_workers=data.num_workers,
+                          pin_memory=device.type == "cuda", dali_threads=data.dali_threads)
+    js, sh = sources.json_stats, sources.shard_stats
+    stats = {"samples": len(dataset), "json_files": js.files, "json_entries": js.entries,
+             "json_samples_skipped": js.samples_skipped, "empty_captions_dropped": js.empty_captions_dropped
+             + sh.empty_captions_dropped, "shards": sh.shards, "shard_samples": sh.samples,
+             "shard_samples_without_image": sh.no_image, "shard_samples_without_caption": sh.no_caption,
+             "shards_truncated": len(sh.truncated_shards), "shard_samples_incomplete": sh.incomplete_samples}
+    log.info("data: %s", stats)
+    return dataset, sampler, loader, stats

@@ -1,0 +1,115 @@
+"""Images/s of each image backend with the ALBEF pretraining augmentation (RandomResizedCrop 256 bicubic,
+flip, RandomAugment(2, 7), CLIP normalisation), through the real loader: read -> decode -> augment ->
+caption tokenisation and MLM masking -> collate. The PIL backend is the baseline, run in the same process.
+
+    python benchmarks/bench_dataloader.py                          # pil and dali_cpu on this CPU
+    python benchmarks/bench_dataloader.py --backends pil dali --workers 8 --dali-threads 4   # on a GPU
+
+The images are generated JPEGs (seeded, textured, quality 90) of --src-size, written to a temporary
+folder and read through the page cache: this measures the pipeline, not the disk. Each backend runs
+--epochs timed epochs after one warm-up batch; p50/p20/p80 are over the epochs. For the GPU backend the
+clock stops after a CUDA synchronisation at the end of each epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._harness import Row, append_rows, device_name  # noqa: E402
+
+from albef_fast.data.dataset import PretrainDataset, ResumableBatchSampler, load_sources  # noqa: E402
+from albef_fast.data.loader import build_loader  # noqa: E402
+from albef_fast.data.transforms import ImageTransform  # noqa: E402
+
+
+def make_corpus(folder: Path, n: int, width: int, height: int) -> Path:
+    rs = np.random.RandomState(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    entries = []
+    for i in range(n):
+        base = np.stack([(xx * (1 + i % 3)) % 256, (yy * (1 + i % 5)) % 256, ((xx + yy) * (i % 7 + 1)) % 256], -1)
+        arr = np.clip(base + rs.randint(-25, 25, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"{i:05d}.jpg", quality=90)
+        entries.append({"image": f"{i:05d}.jpg", "caption": f"a generated picture number {i} with stripes"})
+    ann = folder / "train.json"
+    ann.write_text(json.dumps(entries))
+    return ann
+
+
+def measure(samples, backend: str, args) -> list[float]:
+    ds = PretrainDataset(samples, ImageTransform(args.size, "pretrain"), image_mode="decoded" if backend == "pil" else "encoded")
+    sampler = ResumableBatchSampler(len(ds), args.batch, seed=0)
+    loader = build_loader(ds, sampler, backend, num_workers=args.workers, pin_memory=False,
+                          dali_threads=args.dali_threads)
+    sampler.set_epoch(0, len(sampler) - 1)
+    for _ in loader:  # warm-up: workers started, DALI pipeline built, caches filled
+        pass
+    rates = []
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch + 1)
+        t0 = time.perf_counter()
+        n = 0
+        for batch in loader:
+            n += batch.size
+        if backend == "dali":
+            torch.cuda.synchronize()
+        rates.append(n / (time.perf_counter() - t0))
+    bad = {k: v for k, v in ds.events.totals().items() if v}
+    if bad:
+        print(f"  {backend}: data events {bad}")
+    return rates
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backends", nargs="+", default=["pil", "dali_cpu"], choices=["pil", "dali_cpu", "dali"])
+    p.add_argument("--images", type=int, default=192)
+    p.add_argument("--src-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"))
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: everything in this process)")
+    p.add_argument("--dali-threads", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--csv", default=None, help="append rows here (benchmarks/results/dataloader.csv)")
+    args = p.parse_args()
+    torch.set_num_threads(max(1, args.dali_threads))
+    machine = device_name("cuda" if "dali" in args.backends and torch.cuda.is_available() else "cpu")
+    print(f"machine: {machine}; cpus visible: {os.cpu_count()}; torch {torch.__version__}")
+    print(f"{args.images} JPEGs {args.src_size[0]}x{args.src_size[1]} -> {args.size}px pretrain augmentation, "
+          f"batch {args.batch}, workers {args.workers}, dali threads {args.dali_threads}, {args.epochs} epochs")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ann = make_corpus(Path(tmp), args.images, *args.src_size)
+        samples = load_sources([str(ann)]).samples
+        baseline = None
+        for backend in args.backends:
+            rates = sorted(measure(samples, backend, args))
+            p50, p20, p80 = float(np.median(rates)), rates[0], rates[-1]
+            baseline = baseline or (p50 if backend == "pil" else None)
+            rel = f"  ({p50 / baseline:.2f}x pil)" if baseline and backend != "pil" else ""
+            print(f"{backend:9s} {p50:8.1f} images/s  (min {p20:.1f}, max {p80:.1f}){rel}")
+            rows.append(Row(op="dataloader", provider=backend, mode="pretrain", metric="throughput", unit="images/s",
+                            x_name="workers", x=args.workers, p50=p50, p20=p20, p80=p80, dtype="uint8->fp32",
+                            shape_config=f"src={args.src_size[0]}x{args.src_size[1]},size={args.size},B={args.batch},"
+                                         f"dali_threads={args.dali_threads},n={args.images}",
+                            gpu=machine))
+    if args.csv:
+        append_rows(args.csv, rows)
+
+
+if __name__ == "__main__":
+    main()
