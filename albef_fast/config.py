@@ -38,7 +38,14 @@ class DataConfig:
     source: Literal["json", "scenes"] = "json"
     """json: ALBEF JSON files in train_files; scenes: the embedded generated scene dataset."""
     train_files: list[str] = field(default_factory=list)
-    """ALBEF pretraining JSON files: lists of {"image": path, "caption": str | [str, ...]}."""
+    """Training sources, one per entry: an ALBEF JSON file (a list of {"image": path, "caption": str |
+    [str, ...]}) or webdataset shards (a .tar, or a brace pattern like shards/{000000..000099}.tar)."""
+    train_weights: list[float] = field(default_factory=list)
+    """Mixture weight per train_files entry; empty: every sample once per epoch (plain shuffle)."""
+    image_backend: Literal["auto", "dali", "dali_cpu", "pil"] = "auto"
+    """Decode + augment: dali (GPU), dali_cpu, pil (loader workers); auto = dali on CUDA if installed, else pil."""
+    dali_threads: int = 4
+    """CPU threads of the DALI pipeline."""
     eval_file: str | None = None
     """Optional retrieval JSON ({"image", "caption": [str, ...]}) for zero-shot retrieval before/after training."""
     cache_dir: str = "~/.cache/albef_fast"
@@ -56,11 +63,16 @@ class DataConfig:
     """pre_caption keeps this many words."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_text_len", "max_words", "scenes_train", "scenes_eval"):
+        for name in ("batch_size", "max_text_len", "max_words", "scenes_train", "scenes_eval", "dali_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.train_weights and len(self.train_weights) != len(self.train_files):
+            raise ValueError(f"data.train_weights needs one weight per data.train_files entry: got "
+                             f"{len(self.train_weights)} weights for {len(self.train_files)} files")
+        if any(not w > 0 for w in self.train_weights):
+            raise ValueError(f"data.train_weights must all be > 0, got {self.train_weights}")
 
 
 @dataclass(kw_only=True)
@@ -129,6 +141,9 @@ class KernelConfig:
     the reference. The environment variable ALBEF_KERNELS overrides this."""
     disable: list[str] = field(default_factory=list)
     """Ops routed to their PyTorch reference whatever the backend, e.g. [itc_loss, mlm_loss]."""
+    attention: Literal["auto", "flash_attn", "torch_flash", "sdpa", "math"] = "auto"
+    """Attention backend for the ViT, text and fusion layers (albef_fast/models/attention.py): auto =
+    flash-attn if installed, else PyTorch's flash kernels, on CUDA in bf16; SDPA on the CPU."""
 
 
 @dataclass(kw_only=True)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from albef_fast.data.batch import Batch
 from albef_fast.models.albef import ALBEF
 from albef_fast.models.queue import FeatureQueues
-from albef_kernels import ema_update_, itc_loss, mlm_loss, sample_hard_negatives
+from albef_kernels import ema_update_, itc_loss_bidirectional, mlm_loss, sample_hard_negatives
 
 
 @dataclass
@@ -43,6 +43,11 @@ def itm_loss(logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
 
 
 class PretrainTask(nn.Module):
+    reuse_image_kv: bool = True
+    """Compute the online image's cross-attention keys/values once per fusion layer and step, shared
+    by the ITM and MLM fusion passes (exact). False: each pass projects its images itself (tests,
+    benchmarks). The momentum MLM pass has its own image and weights, so its own keys/values."""
+
     def __init__(self, model: ALBEF, *, queue_size: int, momentum: float = 0.995) -> None:
         super().__init__()
         self.model = model
@@ -67,19 +72,25 @@ class PretrainTask(nn.Module):
             text_feat_m = mm.text_feature(mm.encode_text(ids, mask))
 
         # ITC: online queries against momentum in-batch keys + queue, soft momentum targets
-        i2t, sim_i2t = itc_loss(image_feat, image_feat_m, text_feat_m, self.queues.text, m.temp, alpha)
-        t2i, sim_t2i = itc_loss(text_feat, text_feat_m, image_feat_m, self.queues.image, m.temp, alpha)
-        loss_itc = (i2t + t2i) / 2
+        # both directions in one call (one kernel launch on CUDA): (2,) [i2t, t2i] and (2, B, B) sims
+        itc, sims = itc_loss_bidirectional(image_feat, image_feat_m, text_feat, text_feat_m,
+                                           self.queues.image, self.queues.text, m.temp, alpha)
+        loss_itc = itc.mean()
 
         # ITM: one positive pair per sample plus a hard negative image per text and a hard negative
         # text per image, drawn from the in-batch similarities; the 3B pairs run as one fusion call.
         with torch.no_grad():
-            neg_image, valid_t2i = sample_hard_negatives(sim_t2i)  # (B,) image index for each text
-            neg_text, valid_i2t = sample_hard_negatives(sim_i2t)  # (B,) text index for each image
+            neg_image, neg_text, valid_t2i, valid_i2t = self.hard_negatives(sims)
+        # The image's cross-attention keys/values are computed once per fusion layer and shared by
+        # the 3B ITM pairs (gathered by image index) and the online MLM pass (same images).
         texts = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])  # (3B, L, D)
         masks = torch.cat([mask, mask, mask[neg_text]])
-        images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])  # (3B, 1+P, Dv)
-        itm_logits = m.itm_logits(m.fuse(texts, masks, images))  # (3B, 2)
+        image_index = torch.cat([torch.arange(B, device=ids.device), neg_image, torch.arange(B, device=ids.device)])
+        if self.reuse_image_kv:
+            image_kv = m.image_kv(image_embeds)  # per fusion layer (B, 1+P, 2D)
+            itm_logits = m.itm_logits(m.fuse(texts, masks, image_kv=image_kv, image_index=image_index))  # (3B, 2)
+        else:
+            itm_logits = m.itm_logits(m.fuse(texts, masks, image_embeds[image_index]))
         labels = torch.cat([ids.new_ones(B), ids.new_zeros(2 * B)])
         weight = torch.cat([image_feat.new_ones(B), valid_t2i.float(), valid_i2t.float()])
         loss_itm = itm_loss(itm_logits, labels, weight)
@@ -89,7 +100,10 @@ class PretrainTask(nn.Module):
         with torch.no_grad():
             h_m = mm.fuse(mm.encode_text(mlm_ids, mask), mask, image_embeds_m)  # (B, L, D)
             h_m = mm.mlm_head.transform(h_m.flatten(0, 1).index_select(0, pos))  # (M, D)
-        h = m.fuse(m.encode_text(mlm_ids, mask), mask, image_embeds)
+        if self.reuse_image_kv:
+            h = m.fuse(m.encode_text(mlm_ids, mask), mask, image_kv=image_kv)
+        else:
+            h = m.fuse(m.encode_text(mlm_ids, mask), mask, image_embeds)
         h = m.mlm_head.transform(h.flatten(0, 1).index_select(0, pos))  # (M, D)
         loss_mlm = mlm_loss(h, m.mlm_head.weight, m.mlm_head.bias, batch.mlm_labels,
                             h_m, mm.mlm_head.weight, mm.mlm_head.bias, alpha)
@@ -98,6 +112,19 @@ class PretrainTask(nn.Module):
             loss=loss_itc + loss_itm + loss_mlm, itc_loss=loss_itc, itm_loss=loss_itm, mlm_loss=loss_mlm,
             image_feat_m=image_feat_m, text_feat_m=text_feat_m,
         )
+
+    def hard_negatives(self, sims: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Both ITM directions in one draw (one kernel launch on CUDA).
+
+        Args:
+            sims: (2, B, B) in-batch logits [image->text, text->image] from the ITC.
+        Returns:
+            neg_image (B,): a hard negative image for each text; neg_text (B,): a hard negative text
+            for each image; valid_t2i, valid_i2t (B,) bool: False where no negative exists (B = 1).
+        Tests and the parity harness replace this method to inject fixed negatives.
+        """
+        index, valid = sample_hard_negatives(sims)  # (2, B) each
+        return index[1], index[0], valid[1], valid[0]
 
     def momentum_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
         """(momentum tensors, online tensors), paired by name. Built once: `.to()`, `.cuda()` and

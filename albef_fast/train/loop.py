@@ -6,7 +6,6 @@ state, the momentum model and the queues stay fp32.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -21,8 +20,8 @@ import torch
 
 import albef_kernels._dispatch as kernel_dispatch
 from albef_fast.config import TrainConfig, to_dict
-from albef_fast.data.dataset import PretrainDataset, ResumableBatchSampler, build_pretrain_loader, load_caption_json
-from albef_fast.data.transforms import ImageTransform
+from albef_fast.data.loader import build_training_data
+import albef_fast.models.attention as attention_backend
 from albef_fast.models.albef import ALBEF
 from albef_fast.models.presets import get_preset
 from albef_fast.models.queue import check_queue_size
@@ -75,7 +74,7 @@ def resolve_data_files(cfg: TrainConfig, image_size: int) -> tuple[list[str], st
 
 
 # Fields that fix the data order and the tensor shapes: a resumed run must keep them.
-_RESUME_KEYS = ("model.preset", "model.image_size", "data.source", "data.train_files", "data.batch_size",
+_RESUME_KEYS = ("model.preset", "model.image_size", "data.source", "data.train_files", "data.train_weights", "data.batch_size",
                 "data.scenes_train", "data.scenes_eval", "data.max_text_len", "loss.queue_size", "seed")
 
 
@@ -105,6 +104,7 @@ def train(cfg: TrainConfig) -> RunSummary:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     kernel_dispatch.configure(cfg.kernels.backend, cfg.kernels.disable)
+    attention_backend.configure(cfg.kernels.attention)
     overrides = {"image_size": cfg.model.image_size} if cfg.model.image_size else {}
     model_cfg = get_preset(cfg.model.preset, **overrides)
     check_queue_size(cfg.loss.queue_size, cfg.data.batch_size)  # one process: global batch = batch_size
@@ -113,12 +113,8 @@ def train(cfg: TrainConfig) -> RunSummary:
     (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     train_files, eval_file = resolve_data_files(cfg, model_cfg.image_size)
-    samples, stats = load_caption_json(train_files, max_words=cfg.data.max_words)
-    log.info("data: %s", stats)
-    dataset = PretrainDataset(samples, ImageTransform(model_cfg.image_size, cfg.data.augment),
-                              max_text_len=cfg.data.max_text_len, mlm_probability=cfg.loss.mlm_probability)
-    sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, seed=cfg.seed)
-    loader = build_pretrain_loader(dataset, sampler, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    dataset, sampler, loader, stats = build_training_data(cfg.data, train_files, model_cfg.image_size, seed=cfg.seed,
+                                                          device=device, mlm_probability=cfg.loss.mlm_probability)
     iters_per_epoch = len(sampler)
     total_steps = iters_per_epoch * cfg.optim.epochs
     if cfg.optim.max_steps is not None:
@@ -138,7 +134,7 @@ def train(cfg: TrainConfig) -> RunSummary:
     elif metrics_path.exists():
         metrics_path.unlink()
 
-    summary = RunSummary(steps=pos.step, output_dir=out_dir, final_metrics={}, data_stats=dataclasses.asdict(stats))
+    summary = RunSummary(steps=pos.step, output_dir=out_dir, final_metrics={}, data_stats=dict(stats))
     evaluate = _retrieval_fn(cfg, eval_file, model_cfg.image_size, device)
     if evaluate and cfg.eval.before_training and pos.step == 0:
         summary.retrieval_before = evaluate(task.model, "before training")
@@ -183,6 +179,8 @@ def train(cfg: TrainConfig) -> RunSummary:
     save_checkpoint(out_dir, task, optimizer, pos, to_dict(cfg))
     plot_losses(metrics_path, out_dir / "losses.png")
     summary.steps, summary.final_metrics = pos.step, row
+    summary.data_stats.update(dataset.events.totals())  # bad / converted samples met by this process's loader
+    log.info("data: samples replaced or converted this run: %s", {k: v for k, v in dataset.events.totals().items() if v})
     if evaluate and cfg.eval.after_training:
         summary.retrieval_after = evaluate(task.model, "after training")
     return summary

@@ -5,12 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import albef_fast.task as task_module
 from albef_fast.eval.retrieval import recall_metrics
 from albef_fast.models.albef import ALBEF
 from albef_fast.models.presets import ModelConfig, get_preset
-from albef_fast.models.text import MlmHead, TextEncoder
 from albef_fast.task import PretrainTask
+from albef_fast.weights import load_hf_bert
 from albef_kernels import itc_loss
 
 from tests.helpers import tiny_batch
@@ -72,8 +71,8 @@ def test_task_matches_a_transcription_of_albef(monkeypatch):
             p.add_(torch.randn_like(p) * 0.05)
     batch = tiny_batch(task.model.config, B=6)
     neg_image, neg_text = torch.tensor([3, 0, 5, 1, 2, 4]), torch.tensor([1, 4, 0, 5, 3, 2])
-    draws = iter([(neg_image, torch.ones(6, dtype=torch.bool)), (neg_text, torch.ones(6, dtype=torch.bool))])
-    monkeypatch.setattr(task_module, "sample_hard_negatives", lambda sim: next(draws))
+    ok = torch.ones(6, dtype=torch.bool)
+    monkeypatch.setattr(task, "hard_negatives", lambda sims: (neg_image, neg_text, ok, ok))
     out = task(batch, alpha=0.4)
     ita, itm, mlm = albef_forward(task, batch, 0.4, neg_image, neg_text)
     torch.testing.assert_close(out.itc_loss, ita, rtol=1e-5, atol=1e-6)
@@ -94,35 +93,15 @@ def test_text_encoder_and_mlm_head_match_transformers_bert():
                         intermediate_size=64, max_position_embeddings=40)
     hf = BertForMaskedLM(hf_cfg).eval()
     cfg = ModelConfig(vocab_size=97, hidden_size=32, text_layers=2, fusion_layers=0, num_heads=4,
-                      intermediate_size=64, max_position=40)
-    text, head = TextEncoder(cfg), None
-    head = MlmHead(cfg, text.embeddings.word_embeddings)
-    sd = hf.state_dict()
-    emb = text.embeddings
-    with torch.no_grad():
-        for ours, theirs in ((emb.word_embeddings, "word_embeddings"), (emb.position_embeddings, "position_embeddings"),
-                             (emb.token_type_embeddings, "token_type_embeddings")):
-            ours.weight.copy_(sd[f"bert.embeddings.{theirs}.weight"])
-        emb.norm.load_state_dict({k: sd[f"bert.embeddings.LayerNorm.{k}"] for k in ("weight", "bias")})
-        for i, layer in enumerate(text.layers):
-            p = f"bert.encoder.layer.{i}."
-            for kind in ("weight", "bias"):
-                layer.self_attn.qkv.get_parameter(kind).copy_(torch.cat(
-                    [sd[p + f"attention.self.{n}.{kind}"] for n in ("query", "key", "value")]))
-                layer.self_attn.out.get_parameter(kind).copy_(sd[p + f"attention.output.dense.{kind}"])
-                layer.self_norm.get_parameter(kind).copy_(sd[p + f"attention.output.LayerNorm.{kind}"])
-                layer.fc1.get_parameter(kind).copy_(sd[p + f"intermediate.dense.{kind}"])
-                layer.fc2.get_parameter(kind).copy_(sd[p + f"output.dense.{kind}"])
-                layer.mlp_norm.get_parameter(kind).copy_(sd[p + f"output.LayerNorm.{kind}"])
-        for kind in ("weight", "bias"):
-            head.dense.get_parameter(kind).copy_(sd[f"cls.predictions.transform.dense.{kind}"])
-            head.norm.get_parameter(kind).copy_(sd[f"cls.predictions.transform.LayerNorm.{kind}"])
-        head.bias.copy_(sd["cls.predictions.bias"])
-    text.eval()
+                      intermediate_size=64, max_position=40, image_size=16, patch_size=8, vision_width=32,
+                      vision_depth=1, vision_heads=4, embed_dim=16)
+    model = ALBEF(cfg).eval()
+    report = load_hf_bert(model, hf.state_dict())  # the converter (albef_fast/weights.py)
+    assert not report.missing and not report.unexpected, report
     ids = torch.randint(1, 97, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 5:] = 0
-    ours = head(text(ids, mask))
+    ours = model.mlm_head(model.encode_text(ids, mask))
     theirs = hf(input_ids=ids, attention_mask=mask).logits
     keep = mask.bool()  # padded positions' outputs are not used by either model
     torch.testing.assert_close(ours[keep], theirs[keep], rtol=1e-5, atol=1e-5)

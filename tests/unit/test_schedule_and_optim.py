@@ -1,7 +1,6 @@
 """ALBEF's learning-rate schedule, alpha ramp and parameter groups (REFERENCE §3.4)."""
 
 import pytest
-import torch
 
 from albef_fast.config import LossConfig, OptimConfig
 from albef_fast.models.albef import ALBEF
