@@ -10,7 +10,7 @@ export PYTHONPATH="$PWD:/tmp/pp" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, timm, triton; print('torch', torch.__version__, 'timm', timm.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/device.txt"
-python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
+python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_step.py 2>&1 | tee "$OUT/gpu_tests.log"
 python3 benchmarks/bench_train_step.py --preset albef_tiny albef_base --batch 64 --precision bf16 \
     --warmup 3 --repeat 10 --csv "$OUT/train_step.csv" 2>&1 | tee "$OUT/bench_bf16.log"
 python3 benchmarks/bench_train_step.py --preset albef_base --batch 64 --precision fp32 \
