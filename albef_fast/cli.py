@@ -3,6 +3,8 @@
     albef-fast pretrain [--config configs/NAME.yaml | demo] [key.sub=value ...]
     albef-fast eval-retrieval --checkpoint runs/demo/checkpoint-latest.pt [--data eval.json] [key.sub=value ...]
     albef-fast print-config [--config ...] [key.sub=value ...]
+    albef-fast convert --output DIR [--checkpoint ALBEF.pth | --bert BERT --vit DEIT] [--to albef-fast|albef|lavis]
+    albef-fast parity [--preset tiny|albef_base] [--reference lavis|original|fastpath]
 
 With no --config, `pretrain` runs the embedded default (`demo`): albef_tiny on the generated scene
 data, about ten minutes on a 2-core CPU, with zero-shot retrieval before and after.
@@ -29,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="checkpoint written by `albef-fast pretrain`")
     e.add_argument("--data", default=None, help="retrieval JSON (default: the run's eval file)")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k_test=256 device=cuda")
+    from albef_fast.parity.cli import add_parsers  # convert, parity
+
+    add_parsers(sub)
     return p
 
 
@@ -38,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from albef_fast.config import load_config, to_dict
     from albef_fast.train.checkpoint import CheckpointError
 
+    if args.command in ("convert", "parity"):
+        return args.run(args)
     try:
         if args.command == "eval-retrieval":
             return _eval_retrieval(args)
