@@ -7,10 +7,7 @@
 #                            without the image key/value reuse: albef_base, B=64, bf16, 256 px
 #   run: bash benchmarks/gpu_attention.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/albef_gpu_out}
-mkdir -p "$OUT" /tmp/pp
-ln -sfn "$PWD/kernels" /tmp/pp/albef_kernels   # the import name setup.py gives kernels/
-export PYTHONPATH="$PWD:/tmp/pp" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source benchmarks/gpu_env.sh
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "
 import torch, timm, triton

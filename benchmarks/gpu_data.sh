@@ -5,10 +5,7 @@
 # early with a message when it is missing instead of reporting anything.
 #   run: bash benchmarks/gpu_data.sh            (results in $OUT)
 set -uo pipefail
-OUT=${OUT:-/tmp/albef_gpu_out}
-mkdir -p "$OUT" /tmp/pp
-ln -sfn "$PWD/kernels" /tmp/pp/albef_kernels   # the import name setup.py gives kernels/
-export PYTHONPATH="$PWD:/tmp/pp" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source benchmarks/gpu_env.sh
 if ! python3 -c "import nvidia.dali, webdataset" 2>"$OUT/dali_import.txt"; then
   echo "nvidia-dali / webdataset not importable here: DALI on the GPU stays unmeasured" | tee -a "$OUT/dali_import.txt"
   exit 0

@@ -3,10 +3,7 @@
 # the parity harness: albef_base, batch 16, fp32 (TF32 off) and bf16 (low-precision rule).
 #   run: bash benchmarks/gpu_parity.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/albef_gpu_out}
-mkdir -p "$OUT" /tmp/pp
-ln -sfn "$PWD/kernels" /tmp/pp/albef_kernels
-export PYTHONPATH="$PWD:/tmp/pp" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source benchmarks/gpu_env.sh
 python3 -m pytest -q -p no:cacheprovider tests/parity -m gpu -s 2>&1 | tee "$OUT/parity_gpu_tests.log"
 for d in float32 bfloat16; do
     timeout 150 python3 -m albef_fast.cli parity --preset albef_base --reference fastpath --device cuda \

@@ -3,10 +3,7 @@
 # benchmark at batch 64 in bf16 (and fp32 on the same card for comparison). Everything lands in $OUT.
 #   run: bash benchmarks/gpu_run.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/albef_gpu_out}
-mkdir -p "$OUT" /tmp/pp
-ln -sfn "$PWD/kernels" /tmp/pp/albef_kernels   # the import name setup.py gives kernels/
-export PYTHONPATH="$PWD:/tmp/pp" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source benchmarks/gpu_env.sh
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, timm, triton; print('torch', torch.__version__, 'timm', timm.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/device.txt"

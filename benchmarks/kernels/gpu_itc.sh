@@ -3,10 +3,7 @@
 # GPU tests at full size, then both benchmarks. Everything lands in $OUT (kernels.csv + logs).
 #   run: bash benchmarks/kernels/gpu_itc.sh        (~2-3 minutes on an H100/H200, mostly compiles)
 set -uo pipefail
-OUT=${OUT:-/tmp/albef_gpu_out}
-mkdir -p "$OUT" /tmp/pp
-ln -sfn "$PWD/kernels" /tmp/pp/albef_kernels   # the import name setup.py gives kernels/
-export PYTHONPATH="$PWD:/tmp/pp" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source benchmarks/gpu_env.sh
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/device_itc.txt"
