@@ -1,8 +1,9 @@
 """Fused operators of albef-fast, importable as `albef_kernels`.
 
-Each op has a plain PyTorch `<op>_reference` (the test oracle, benchmark baseline and CPU path)
-and a public `<op>` entry point. Today every entry point runs its reference; the Triton paths
-(issue "Triton kernels") slot in behind the same names. This package never imports albef_fast.
+Each op has a plain PyTorch `<op>_reference` (the test oracle, benchmark baseline and CPU path),
+Triton kernels, and a public `<op>` entry point that dispatches (`_dispatch.use_triton`: Triton on
+CUDA tensors, the reference elsewhere, or when switched off by config or ALBEF_KERNELS=torch).
+This package never imports albef_fast.
 """
 
 from albef_kernels.ema import ema_update_, ema_update_reference_
