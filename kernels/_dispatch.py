@@ -22,6 +22,7 @@ import torch
 
 log = logging.getLogger("albef_kernels")
 _BACKENDS = ("auto", "triton", "torch")
+OPS = ("itc_loss", "sample_hard_negatives", "ema", "mlm_loss")  # the names use_triton() is asked about
 _override: str | None = None
 _configured = "auto"
 _disabled: set[str] = set()
@@ -67,6 +68,9 @@ def configure(backend_name: str = "auto", disable: Iterable[str] = ()) -> None:
     global _configured
     if backend_name not in _BACKENDS:
         raise ValueError(f"kernel backend {backend_name!r} is not one of {_BACKENDS}")
+    unknown = sorted(set(disable) - set(OPS))
+    if unknown:
+        raise ValueError(f"kernels.disable names unknown ops {unknown}; valid: {list(OPS)}")
     _configured = backend_name
     _disabled.clear()
     _disabled.update(disable)

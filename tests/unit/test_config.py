@@ -47,6 +47,14 @@ def test_bad_values_are_named(override, message):
         load_config(None, [override])
 
 
+def test_unknown_kernel_op_is_named():
+    import albef_kernels._dispatch as dispatch
+
+    with pytest.raises(ValueError, match=r"unknown ops \['itc_los'\]; valid: \['itc_loss'"):
+        dispatch.configure("auto", disable=["itc_los"])
+    dispatch.configure("auto", disable=[])
+
+
 def test_missing_config_file_names_presets():
     with pytest.raises(FileNotFoundError, match=r"neither a file nor a run preset \(\['demo'\]\)"):
         load_config("configs/nope.yaml")
