@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -42,6 +40,7 @@ from albef_fast.task import PretrainTask  # noqa: E402
 from albef_fast.train.optim import build_optimizer  # noqa: E402
 from albef_fast.config import OptimConfig  # noqa: E402
 from albef_kernels import itc_loss, mlm_loss, sample_hard_negatives  # noqa: E402
+from benchmarks._harness import device_name, git_sha  # noqa: E402
 from albef_fast.task import itm_loss  # noqa: E402
 
 REF_GFLOP_PER_SAMPLE = 289.0  # PERFORMANCE.md §4b, ALBEF-base 256 px, L=25, reference formulation
@@ -171,23 +170,6 @@ def bench(preset: str, B: int, L: int, device: torch.device, precision: str, war
     return result
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", nargs="+", default=["albef_tiny", "albef_base"])
@@ -206,7 +188,7 @@ def main() -> None:
         precision = "fp32+tf32"  # fp32 storage, TF32 tensor-core matmuls (PyTorch's fast fp32 mode)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    dev_name = device_name(device)
     print(f"device: {dev_name}; torch {torch.__version__}; precision {precision}; batch {args.batch}; "
           f"text length <= {args.text_len}; queue {args.queue_size}; median of {args.repeat} after {args.warmup} warm-up")
     cols = ["step", "vision", "text", "fusion", "losses", "ema", "optimizer"]

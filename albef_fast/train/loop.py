@@ -179,8 +179,9 @@ def train(cfg: TrainConfig) -> RunSummary:
     save_checkpoint(out_dir, task, optimizer, pos, to_dict(cfg))
     plot_losses(metrics_path, out_dir / "losses.png")
     summary.steps, summary.final_metrics = pos.step, row
-    summary.data_stats.update(dataset.events.totals())  # bad / converted samples met by this process's loader
-    log.info("data: samples replaced or converted this run: %s", {k: v for k, v in dataset.events.totals().items() if v})
+    events = dataset.events.totals()  # bad / converted samples met by this process's loader
+    summary.data_stats.update(events)
+    log.info("data: samples replaced or converted this run: %s", {k: v for k, v in events.items() if v})
     if evaluate and cfg.eval.after_training:
         summary.retrieval_after = evaluate(task.model, "after training")
     return summary
