@@ -5,6 +5,11 @@ caption tokenisation and MLM masking -> collate. The PIL backend is the baseline
     python benchmarks/bench_dataloader.py                          # pil and dali_cpu on this CPU
     python benchmarks/bench_dataloader.py --backends pil dali --workers 8 --dali-threads 4   # on a GPU
 
+Overlap of the DALI stage with the training step: ``--step-ms 300 --dali-prefetch 0 2`` makes the
+consumer sleep 300 ms per batch (a stand-in for a GPU step, which leaves the host thread idle as a sleep
+does) and runs each DALI backend synchronously (prefetch 0) and with its background thread (prefetch 2);
+images/s then include the step, so the ideal is batch / max(step, decode time) vs batch / (step + decode).
+
 The images are generated JPEGs (seeded, textured, quality 90) of --src-size, written to a temporary
 folder and read through the page cache: this measures the pipeline, not the disk. Each backend runs
 --epochs timed epochs after one warm-up batch; p50/p20/p80 are over the epochs. For the GPU backend the
@@ -50,11 +55,11 @@ def make_corpus(folder: Path, n: int, width: int, height: int) -> Path:
     return ann
 
 
-def measure(samples, backend: str, args) -> list[float]:
+def measure(samples, backend: str, args, prefetch: int) -> list[float]:
     ds = PretrainDataset(samples, ImageTransform(args.size, "pretrain"), image_mode="decoded" if backend == "pil" else "encoded")
     sampler = ResumableBatchSampler(len(ds), args.batch, seed=0)
     loader = build_loader(ds, sampler, backend, num_workers=args.workers, pin_memory=False,
-                          dali_threads=args.dali_threads)
+                          dali_threads=args.dali_threads, dali_prefetch=prefetch)
     sampler.set_epoch(0, len(sampler) - 1)
     for _ in loader:  # warm-up: workers started, DALI pipeline built, caches filled
         pass
@@ -65,6 +70,8 @@ def measure(samples, backend: str, args) -> list[float]:
         n = 0
         for batch in loader:
             n += batch.size
+            if args.step_ms:
+                time.sleep(args.step_ms / 1000)  # the training step (see the module docstring)
         if backend == "dali":
             torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - t0))
@@ -84,28 +91,39 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: everything in this process)")
     p.add_argument("--dali-threads", type=int, default=1)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--dali-prefetch", type=int, nargs="+", default=[2],
+                   help="batches the DALI stage decodes ahead in its thread; several values: one run each")
+    p.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch (sleep)")
     p.add_argument("--csv", default=None, help="append rows here (benchmarks/results/dataloader.csv)")
     args = p.parse_args()
     torch.set_num_threads(max(1, args.dali_threads))
     machine = device_name("cuda" if "dali" in args.backends and torch.cuda.is_available() else "cpu")
     print(f"machine: {machine}; cpus visible: {os.cpu_count()}; torch {torch.__version__}")
     print(f"{args.images} JPEGs {args.src_size[0]}x{args.src_size[1]} -> {args.size}px pretrain augmentation, "
-          f"batch {args.batch}, workers {args.workers}, dali threads {args.dali_threads}, {args.epochs} epochs")
+          f"batch {args.batch}, workers {args.workers}, dali threads {args.dali_threads}, {args.epochs} epochs, "
+          f"simulated step {args.step_ms:g} ms")
+    try:
+        print(f"load average (1, 5, 15 min): {os.getloadavg()}")
+    except OSError:
+        pass
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ann = make_corpus(Path(tmp), args.images, *args.src_size)
         samples = load_sources([str(ann)]).samples
         baseline = None
-        for backend in args.backends:
-            rates = sorted(measure(samples, backend, args))
+        runs = [(b, None) for b in args.backends if b == "pil"]
+        runs += [(b, k) for b in args.backends if b != "pil" for k in args.dali_prefetch]
+        for backend, prefetch in runs:
+            rates = sorted(measure(samples, backend, args, prefetch or 0))
             p50, p20, p80 = float(np.median(rates)), rates[0], rates[-1]
             baseline = baseline or (p50 if backend == "pil" else None)
             rel = f"  ({p50 / baseline:.2f}x pil)" if baseline and backend != "pil" else ""
-            print(f"{backend:9s} {p50:8.1f} images/s  (min {p20:.1f}, max {p80:.1f}){rel}")
-            rows.append(Row(op="dataloader", provider=backend, mode="pretrain", metric="throughput", unit="images/s",
+            name = backend if prefetch is None else f"{backend}/prefetch={prefetch}"
+            print(f"{name:20s} {p50:8.1f} images/s  (min {p20:.1f}, max {p80:.1f}){rel}")
+            rows.append(Row(op="dataloader", provider=name, mode="pretrain", metric="throughput", unit="images/s",
                             x_name="workers", x=args.workers, p50=p50, p20=p20, p80=p80, dtype="uint8->fp32",
                             shape_config=f"src={args.src_size[0]}x{args.src_size[1]},size={args.size},B={args.batch},"
-                                         f"dali_threads={args.dali_threads},n={args.images}",
+                                         f"dali_threads={args.dali_threads},n={args.images},step_ms={args.step_ms:g}",
                             gpu=machine))
     if args.csv:
         append_rows(args.csv, rows)

@@ -18,7 +18,9 @@ The graph, per sample (pretrain):
     -> flip (horizontal, per-sample flag)                                  (RandomHorizontalFlip)
     -> 2 x RandomAugment slot: a DALI conditional on the host-drawn op code
          AutoContrast: per-channel (x - min) * 255 / (max - min), identity for a flat channel
-         Equalize:     fn.equalize (per-channel histogram equalisation)
+         Equalize:     PIL's ImageOps.equalize exactly: per-channel 256-bin histogram -> PIL's LUT
+                       (`equalize_lut`) -> lookup, through DALI's DLPack python operator (`pil_equalize`)
+                       (fn.equalize builds OpenCV's LUT, a different formula: mean ~6 grey levels off)
          Brightness:   fn.brightness(1.36)
          Sharpness:    3x3 correlation with 1.36*delta - 0.36*PIL's SMOOTH kernel (PIL blends the
                        smoothed image with factor 1.36; the blend is linear, so one kernel does it;
@@ -57,7 +59,8 @@ from albef_fast.data.transforms import (
     AugParams,
 )
 
-__all__ = ["OP_CODES", "DaliImagePipeline", "affine_matrix", "dali_unavailable_reason", "sample_inputs"]
+__all__ = ["OP_CODES", "DaliImagePipeline", "affine_matrix", "dali_unavailable_reason", "equalize_lut", "pil_equalize",
+           "sample_inputs"]
 
 # Op codes fed to the graph (0 = slot not applied / Identity).
 OP_CODES = {"Identity": 0, "AutoContrast": 1, "Equalize": 2, "Brightness": 3, "Sharpness": 4,
@@ -67,6 +70,65 @@ _AFFINE = 5
 # PIL's ImageFilter.SMOOTH kernel; Sharpness(f) = f * img + (1 - f) * smooth(img).
 _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float64) / 13.0
 _SHARPEN = (ENHANCE_FACTOR * np.pad(np.ones((1, 1)), 1) + (1.0 - ENHANCE_FACTOR) * _SMOOTH).astype(np.float32)
+
+
+def equalize_lut(hist: Tensor) -> Tensor:
+    """The per-channel lookup table of PIL's `ImageOps.equalize` from the channels' histograms.
+
+    PIL, per channel with histogram h (256 bins) of N pixels: if at most one bin is non-empty, or
+    step = (N - h[last non-empty bin]) // 255 is 0, the identity; else
+    lut[i] = (step // 2 + sum_{j < i} h[j]) // step, and `Image.point` clips it to 255 (it can reach
+    256 at the last non-empty bin). Integer arithmetic throughout, so the result is exact. O(256*C) on
+    the histogram's device, no host synchronisation.
+
+    Args:
+        hist: (C, 256) int64 pixel counts per channel and grey level.
+    Returns:
+        (C, 256) int64 in [0, 255].
+    """
+    if hist.dim() != 2 or hist.shape[1] != 256 or hist.dtype != torch.int64:
+        raise ValueError(f"hist must be (C, 256) int64, got {tuple(hist.shape)} {hist.dtype}")
+    C = hist.shape[0]
+    nonempty = hist > 0
+    last = 255 - nonempty.flip(1).long().argmax(1)  # the highest non-empty bin
+    step = (hist.sum(1) - hist.gather(1, last[:, None])[:, 0]) // 255
+    below = hist.cumsum(1) - hist  # sum_{j < i} h[j]
+    lut = ((step[:, None] // 2 + below) // step.clamp(min=1)[:, None]).clamp(max=255)
+    use = (nonempty.sum(1) > 1) & (step > 0)
+    return torch.where(use[:, None], lut, torch.arange(256, device=hist.device).expand(C, 256))
+
+
+def pil_equalize(image: Tensor) -> Tensor:
+    """PIL's `ImageOps.equalize` of an (H, W, C) uint8 tensor, bit-exact; returns (H, W, C) uint8.
+
+    The histogram and the lookup run in numpy for a CPU tensor (single-threaded: torch's intra-op threads
+    cost more than they give on one image, 10-50 ms instead of ~2 ms on the loaded 2-core dev machine) and
+    in torch on a CUDA tensor; `equalize_lut` is shared.
+    """
+    if image.dtype != torch.uint8 or image.dim() != 3:
+        raise ValueError(f"image must be (H, W, C) uint8, got {tuple(image.shape)} {image.dtype}")
+    if image.is_cuda:
+        return _equalize_torch(image)
+    a = image.numpy()
+    hist = np.stack([np.bincount(a[..., c].ravel(), minlength=256) for c in range(a.shape[-1])])
+    lut = equalize_lut(torch.from_numpy(hist.astype(np.int64))).numpy().astype(np.uint8)
+    return torch.from_numpy(np.stack([lut[c][a[..., c]] for c in range(a.shape[-1])], -1))
+
+
+def _equalize_torch(image: Tensor) -> Tensor:
+    """`pil_equalize` in torch ops only (the CUDA path; runs on any device)."""
+    C = image.shape[-1]
+    idx = image.reshape(-1, C).long() + torch.arange(C, device=image.device) * 256
+    hist = torch.bincount(idx.reshape(-1), minlength=256 * C).view(C, 256)
+    return equalize_lut(hist).reshape(-1)[idx].reshape(image.shape).to(torch.uint8)
+
+
+def _equalize_dlpack(image):  # DALI's DLPack operator, one sample; module scope so AutoGraph leaves it alone
+    x = torch.from_dlpack(image)
+    out = pil_equalize(x)
+    if out.is_cuda:  # DALI synchronised its stream before the call; the result must be ready on return
+        torch.cuda.current_stream(out.device).synchronize()
+    return torch.utils.dlpack.to_dlpack(out)
 
 
 def dali_unavailable_reason() -> str | None:
@@ -156,7 +218,8 @@ def _build(batch_size: int, size: int, augment: Augment, device: Literal["gpu", 
             if code == 1:
                 img = autocontrast(img)
             elif code == 2:
-                img = fn.equalize(img)
+                img = fn.dl_tensor_python_function(img, function=_equalize_dlpack, batch_processing=False,
+                                                   output_layouts="HWC")
             elif code == 3:
                 img = fn.brightness(img, brightness=ENHANCE_FACTOR)
             elif code == 4:
@@ -173,8 +236,8 @@ def _build(batch_size: int, size: int, augment: Augment, device: Literal["gpu", 
         return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
 
     graph = pretrain if augment == "pretrain" else resize_only
-    # Fed synchronously batch by batch (feed_input, then run): the loader's workers already overlap the
-    # host work with the previous step, and an unpipelined executor needs no look-ahead feeding.
+    # Fed synchronously batch by batch (feed_input, then run): the overlap with the training step comes
+    # from the loader's DALI thread (loader.DaliLoader), so the executor needs no look-ahead feeding.
     pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, exec_pipelined=False,
                  exec_async=False, prefetch_queue_depth=1)
     pipe.build()

@@ -215,7 +215,8 @@ class SourceSet:
 
 
 def load_sources(
-    specs: Sequence[str | Path], *, max_words: int = 30, image_root: str | Path | None = None
+    specs: Sequence[str | Path], *, max_words: int = 30, image_root: str | Path | None = None,
+    index_cache: str | Path | None = None,
 ) -> SourceSet:
     """Read every training source: each entry is an ALBEF JSON file or webdataset shards (a .tar path or
     a brace pattern such as ``data/{000000..000099}.tar``; `sources.py`).
@@ -224,6 +225,7 @@ def load_sources(
         specs: the `data.train_files` entries; each is one source for the mixture weights.
         max_words: `pre_caption` word limit.
         image_root: folder for relative JSON image paths (default: each JSON file's folder).
+        index_cache: folder of the shard index cache (`sources.index_shard`); None: index every start.
     Returns:
         SourceSet with the samples of all sources concatenated in order.
     Raises:
@@ -237,7 +239,8 @@ def load_sources(
         files = expand_sources(str(spec))
         if all(is_shard(f) for f in files):
             for f in files:
-                for captions, offset, size in index_shard(f, max_words=max_words, stats=shard_stats):
+                for captions, offset, size in index_shard(f, max_words=max_words, stats=shard_stats,
+                                                            cache_dir=index_cache):
                     samples.append(Sample(str(Path(f).absolute()), captions, (offset, size)))
         elif not any(is_shard(f) for f in files):
             found, stats = load_caption_json(files, max_words=max_words, image_root=image_root)

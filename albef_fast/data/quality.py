@@ -8,6 +8,13 @@ reads the sums at any time. Shared memory works for forked and for spawned worke
 shared tensor as a handle to the same memory.
 
 Counters include batches that the workers prefetched but the loop has not consumed yet.
+
+Resume. `state_dict()` gives the totals as plain ints (loadable with torch.load(weights_only=True));
+`load_state_dict()` puts them back into the main process's row before the loader starts, so the totals
+of a resumed run continue from the checkpoint instead of restarting at zero. Because the counts include
+prefetched batches, and a resumed run replays the batches after its checkpoint, a resumed total can
+exceed an uninterrupted run's by the events of the batches that were prefetched (at most
+num_workers * prefetch_factor batches, plus the DALI stage's look-ahead) when the checkpoint was written.
 """
 
 from __future__ import annotations
@@ -78,6 +85,34 @@ class DataEvents:
         """Sums over all processes, by event name (zeros included)."""
         sums = self.counts.sum(0).tolist()
         return dict(zip(EVENTS, sums))
+
+    def state_dict(self) -> dict[str, int]:
+        """The totals over all processes, {event name: count} as plain ints (for the checkpoint)."""
+        return {name: int(v) for name, v in self.totals().items()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from saved totals (call before iterating the loader): the main process's row gets the
+        totals, the worker rows are zeroed. Event names that this version does not know are refused; names
+        it knows but `state` lacks (events added since the checkpoint) start at zero.
+
+        Args:
+            state: from `state_dict()`.
+        Raises:
+            ValueError: an unknown event name or a count that is not an int >= 0.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"data events state must be a dict of event name -> count, got {type(state).__name__}")
+        unknown = sorted(set(state) - set(EVENTS))
+        if unknown:
+            raise ValueError(f"data events state has unknown event names {unknown}; valid: {', '.join(EVENTS)}")
+        row = torch.zeros(len(EVENTS), dtype=torch.int64)
+        for name, count in state.items():
+            value = count.item() if isinstance(count, torch.Tensor) and count.numel() == 1 else count
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"data events state: {name!r} must be an int >= 0, got {count!r}")
+            row[_INDEX[name]] = value
+        self.counts.zero_()  # in place: the workers share this memory
+        self.counts[0] = row
 
     def resize(self, rows: int) -> None:
         """Make room for `rows` processes (call before the workers start); keeps the counts so far."""

@@ -15,6 +15,14 @@ A webdataset sample needs one image member (jpg, jpeg, png, webp, bmp, tif, tiff
 list of str) as img2dataset writes it. Captions are cleaned at index time exactly as for JSON files
 (`pre_caption`); empty ones are dropped and counted.
 
+Index cache. Indexing reads every tar header (and the caption members), which takes long at 14M samples
+on network storage, so `index_shard(..., cache_dir=...)` keeps each shard's index as one JSON file under
+`cache_dir`, named by a hash of (absolute path, max_words, cache format) and holding the shard's byte size
+and mtime (ns). A cached index is used only when path, size and mtime all match; a shard that changed is
+re-indexed and its entry rewritten (atomically: written to a temporary file, then renamed); an entry that
+cannot be read or does not have the expected form is rebuilt with a warning. An unwritable cache folder
+costs a warning and the index is kept in memory only.
+
 A shard cut in the middle of a member (an interrupted download or copy) keeps every complete sample
 before the cut; the incomplete sample is skipped, counted and named in a warning. A path that is not
 a tar archive at all is refused at start.
@@ -28,9 +36,12 @@ generator seeded by (seed, epoch, source, pass), so an epoch's order is a pure f
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
+import os
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,28 +118,91 @@ def _captions_from(ext_data: dict[str, bytes], stats: ShardStats) -> list[str] |
     return None
 
 
+ShardIndex = list[tuple[tuple[str, ...], int, int]]
+CACHE_FORMAT = 1  # bump when the cached content or its meaning changes: old entries are then not found
+
+
 def index_shard(
-    path: str | Path, *, max_words: int = 30, stats: ShardStats | None = None
-) -> list[tuple[tuple[str, ...], int, int]]:
-    """Index one webdataset tar shard.
+    path: str | Path, *, max_words: int = 30, stats: ShardStats | None = None, cache_dir: str | Path | None = None
+) -> ShardIndex:
+    """Index one webdataset tar shard (or read its index from `cache_dir`).
 
     Args:
         path: the .tar file.
         max_words: `pre_caption` word limit.
-        stats: counters to add to (a fresh one when None).
+        stats: counters to add to (a fresh one when None); a cached index restores the shard's counts too.
+        cache_dir: folder of the index cache (created if needed); None: no cache.
     Returns:
         one (cleaned captions, image byte offset, image byte length) per usable sample, in tar order.
     Raises:
         FileNotFoundError: the shard does not exist.
         ValueError: the file is not a tar archive (named).
     """
-    from webdataset.tariterators import base_plus_ext
-
     path = Path(path)
     stats = stats if stats is not None else ShardStats()
     if not path.is_file():
         raise FileNotFoundError(f"webdataset shard {path} does not exist (or is not a file)")
-    file_size = path.stat().st_size
+    st = path.stat()
+    key = {"format": CACHE_FORMAT, "path": str(path.absolute()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+           "max_words": max_words}
+    cache = None
+    if cache_dir is not None:
+        name = hashlib.blake2b(f"{key['path']}|{max_words}|{CACHE_FORMAT}".encode(), digest_size=12).hexdigest()
+        cache = Path(cache_dir).expanduser() / f"{name}.json"
+    found = _read_cached(cache, key) if cache is not None and cache.exists() else None
+    if found is not None:
+        out, local = found
+        if local.truncated_shards:
+            log.warning("%s is cut in the middle of a member (index cache): %d complete samples before the cut",
+                        path, len(out))
+    else:
+        local = ShardStats()
+        out = _index_tar(path, max_words, local, st.st_size)
+        if cache is not None:
+            _write_cached(cache, key, out, local)
+    for f in dataclasses.fields(ShardStats):
+        setattr(stats, f.name, getattr(stats, f.name) + getattr(local, f.name))
+    return out
+
+
+def _read_cached(cache: Path, key: dict[str, Any]) -> tuple[ShardIndex, ShardStats] | None:
+    """The cached index if `cache` holds one for exactly `key`; None if it is stale; rebuilt if corrupt."""
+    try:
+        entry = json.loads(cache.read_text(encoding="utf-8"))
+        if entry["key"] != key:
+            return None  # the shard changed (size or mtime), or a hash collision: re-index
+        samples = [(tuple(c), int(o), int(n)) for c, o, n in entry["samples"]]
+        if not all(isinstance(x, str) for c, _, _ in samples for x in c):
+            raise TypeError("a caption is not a string")
+        stats = ShardStats(**entry["stats"])
+        if stats.samples != len(samples):
+            raise ValueError(f"{stats.samples} samples counted, {len(samples)} stored")
+        return samples, stats
+    except (OSError, ValueError, TypeError, KeyError) as e:  # JSONDecodeError is a ValueError
+        log.warning("shard index cache %s for %s is unreadable (%s: %s); re-indexing the shard", cache, key["path"],
+                    type(e).__name__, e)
+        return None
+
+
+def _write_cached(cache: Path, key: dict[str, Any], samples: ShardIndex, stats: ShardStats) -> None:
+    entry = {"key": key, "stats": dataclasses.asdict(stats), "samples": [[list(c), o, n] for c, o, n in samples]}
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(entry), encoding="utf-8")
+        os.replace(tmp, cache)  # atomic: a reader sees the old entry or the new one, never half a file
+    except OSError as e:
+        log.warning("could not write the shard index cache %s (%s); the index is kept in memory only", cache, e)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _index_tar(path: Path, max_words: int, stats: ShardStats, file_size: int) -> ShardIndex:
+    """Read the tar headers (and caption members) of one shard; see `index_shard`."""
+    from webdataset.tariterators import base_plus_ext
+
     groups: dict[str, dict[str, Any]] = {}  # key -> {ext: (offset, size) for images, bytes for captions}
     order: list[str] = []
     truncated = False

@@ -1,5 +1,6 @@
 """DALI on the GPU ("mixed" decoding): the same graph as the CPU one, checked against the PIL twin and
-against DALI-CPU on the same params; output on the CUDA device. Needs CUDA and nvidia-dali."""
+against DALI-CPU on the same params; output on the CUDA device. Needs CUDA and nvidia-dali (the torch
+equalisation that the graph calls is checked on CUDA without DALI too)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-pytestmark = pytest.mark.gpu
-dali = pytest.importorskip("nvidia.dali", reason="nvidia-dali-cuda130 is not installed on this machine")
+from albef_fast.data import transforms as tr
+from albef_fast.data.dali import DaliImagePipeline, dali_unavailable_reason
 
-from albef_fast.data import transforms as tr  # noqa: E402
-from albef_fast.data.dali import DaliImagePipeline  # noqa: E402
+pytestmark = pytest.mark.gpu
+needs_dali = pytest.mark.skipif(dali_unavailable_reason() is not None,
+                                reason=f"nvidia-dali-cuda130 is not usable here: {dali_unavailable_reason()}")
 
 GREY = 255 * 0.27
 
@@ -29,6 +31,7 @@ def _jpeg(seed: int, w: int = 320, h: int = 240) -> np.ndarray:
     return np.frombuffer(buf.getvalue(), np.uint8)
 
 
+@needs_dali
 def test_dali_gpu_matches_cpu_graph_and_pil():
     enc = [_jpeg(i) for i in range(16)]
     rng = random.Random(0)
@@ -38,13 +41,40 @@ def test_dali_gpu_matches_cpu_graph_and_pil():
     assert gpu.is_cuda and gpu.shape == (16, 3, 256, 256) and gpu.dtype == torch.float32
     # nvJPEG and libjpeg-turbo round differently (IDCT, chroma upsampling): a few grey levels.
     assert (gpu.cpu() - cpu).abs().mean().item() * GREY < 4.0
-    for e, p, g in zip(enc, params, gpu.cpu()):
-        if any(n == "Equalize" for n, _ in p.ops):
-            continue  # DALI's equalisation formula differs from PIL's (see tests/unit/test_data_dali.py)
+    for e, p, g in zip(enc, params, gpu.cpu()):  # Equalize included: PIL's LUT on both paths
         ref = tr.apply_pretrain_params(Image.open(io.BytesIO(e.tobytes())).convert("RGB"), p, 256)
         assert (g - ref).abs().mean().item() * GREY < 5.0
 
 
+def test_pil_equalize_on_cuda_matches_pil():
+    from PIL import ImageOps
+
+    from albef_fast.data.dali import pil_equalize
+
+    rng = np.random.default_rng()
+    for _ in range(20):
+        a = np.clip(rng.normal(rng.uniform(30, 220), rng.uniform(1, 60), (97, 131, 3)), 0, 255).astype(np.uint8)
+        got = pil_equalize(torch.from_numpy(a).cuda()).cpu().numpy()
+        assert np.array_equal(got, np.asarray(ImageOps.equalize(Image.fromarray(a))))
+
+
+@needs_dali
+def test_dali_gpu_equalize_matches_pil_exactly():
+    # The DLPack operator on DALI's GPU stream: uint8-exact on an uncropped image (normalisation rounding only).
+    rng = np.random.default_rng()
+    arrs = [np.clip(rng.normal(128, rng.uniform(5, 60), (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(8)]
+    enc = []
+    for a in arrs:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        enc.append(np.frombuffer(buf.getvalue(), np.uint8))
+    params = [tr.AugParams(0, 0, 64, 64, False, (("Equalize", 1),))] * len(enc)
+    out = DaliImagePipeline(64, "pretrain", 8, device="gpu")(enc, params).cpu()
+    for a, p, g in zip(arrs, params, out):
+        assert (g - tr.apply_pretrain_params(Image.fromarray(a), p, 64)).abs().max().item() < 1e-5
+
+
+@needs_dali
 def test_dali_gpu_eval_transform():
     enc = [_jpeg(i) for i in range(4)]
     out = DaliImagePipeline(256, "none", 4, device="gpu")(enc, [None] * 4)

@@ -142,6 +142,48 @@ def test_bad_samples_counted_across_workers(tmp_path):
     assert all(torch.equal(x.image, y.image) for x, y in zip(b0, b2))
 
 
+def test_event_counters_resume_from_a_checkpoint(tmp_path):
+    # Epoch 0 counted with two loader workers; the totals go through torch.save/load(weights_only=True) into
+    # a fresh dataset (as a resumed run builds one), which then counts epoch 1: the result equals the
+    # totals of one uninterrupted run over both epochs.
+    files = {f"good{i}.jpg": _jpeg(i) for i in range(6)} | {"zero.jpg": b"", "missing.jpg": None}
+
+    def run_epochs(ds, epochs, workers):
+        sampler = ResumableBatchSampler(len(ds), 2, seed=0)
+        loader = build_loader(ds, sampler, "pil", num_workers=workers, pin_memory=False)
+        for epoch in epochs:
+            sampler.set_epoch(epoch)
+            list(loader)
+
+    straight = _dataset(tmp_path, files, "decoded")
+    run_epochs(straight, [0, 1], workers=0)
+    first = _dataset(tmp_path, files, "decoded")
+    run_epochs(first, [0], workers=2)
+    state = first.events.state_dict()
+    assert all(type(v) is int for v in state.values()) and state["missing"] >= 1 and state["unreadable"] >= 1
+    torch.save({"data_events": state}, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)["data_events"]
+    resumed = _dataset(tmp_path, files, "decoded")
+    resumed.events.load_state_dict(loaded)
+    run_epochs(resumed, [1], workers=2)
+    assert resumed.events.state_dict() == straight.events.state_dict()
+    assert resumed.events.totals()["missing"] > state["missing"]  # epoch 1 counted on top, not instead
+
+
+def test_event_counters_refuse_a_bad_state():
+    events = DataEvents(rows=3)
+    events.record("missing", "x.jpg")
+    with pytest.raises(ValueError, match="unknown event names \\['bogus'\\]"):
+        events.load_state_dict({"missing": 1, "bogus": 2})
+    with pytest.raises(ValueError, match="'missing' must be an int >= 0, got -1"):
+        events.load_state_dict({"missing": -1})
+    with pytest.raises(ValueError, match="must be a dict"):
+        events.load_state_dict([("missing", 1)])
+    assert events.totals()["missing"] == 1  # a refused state changes nothing
+    events.load_state_dict({"truncated": 4})  # kinds missing from an older state start at zero
+    assert events.state_dict() == {name: 4 if name == "truncated" else 0 for name in events.state_dict()}
+
+
 def test_all_bad_data_stops_with_a_clear_error(tmp_path):
     from albef_fast.data.dataset import BadDataError
 

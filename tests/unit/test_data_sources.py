@@ -78,6 +78,96 @@ def test_shard_cut_in_a_member_keeps_complete_samples(tmp_path):
     assert len(kept) == 2 and stats.incomplete_samples == 1 and len(stats.truncated_shards) == 1
 
 
+def _cache_files(folder):
+    return sorted(folder.glob("*.json"))
+
+
+def test_index_cache_reused_then_invalidated_when_the_shard_changes(tmp_path, monkeypatch):
+    import os
+
+    from albef_fast.data import sources
+
+    shard, cache = tmp_path / "s-000.tar", tmp_path / "cache"
+    write_shard(shard, 0, 5, json_caption_every=2)
+    first_stats = ShardStats()
+    first = index_shard(shard, stats=first_stats, cache_dir=cache)
+    assert len(_cache_files(cache)) == 1
+
+    reads = []
+    real = sources._index_tar
+    monkeypatch.setattr(sources, "_index_tar", lambda *a: reads.append(a[0]) or real(*a))
+    again_stats = ShardStats()
+    assert index_shard(shard, stats=again_stats, cache_dir=cache) == first and reads == []  # from the cache
+    assert again_stats == first_stats  # the shard's counts come back with it
+    assert index_shard(shard, max_words=3, cache_dir=cache) != first and reads == [shard]  # other max_words
+    reads.clear()
+
+    # Same size, new mtime (rewritten in place with other captions): re-indexed, and the entry replaced.
+    st = shard.stat()
+    with open(shard, "r+b") as f:
+        data = f.read().replace(b"Shard caption 1,", b"Other caption 1,")
+        f.seek(0)
+        f.write(data)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert shard.stat().st_size == st.st_size
+    changed = index_shard(shard, cache_dir=cache)
+    assert reads == [shard] and changed[1][0] == ("other caption 1 with caps",) and changed[0] == first[0]
+    assert index_shard(shard, cache_dir=cache) == changed and reads == [shard]  # the new entry is used
+
+    # Other samples appended (new size): re-indexed.
+    write_shard(shard, 0, 6)
+    assert len(index_shard(shard, cache_dir=cache)) == 6 and len(reads) == 2
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_form", "empty"])
+def test_corrupt_index_cache_is_rebuilt_with_a_warning(tmp_path, caplog, damage):
+    shard, cache = tmp_path / "s-000.tar", tmp_path / "cache"
+    write_shard(shard, 0, 4)
+    expected = index_shard(shard, cache_dir=cache)
+    (entry,) = _cache_files(cache)
+    text = entry.read_text()
+    entry.write_text({"garbage": "\x00not json", "truncated": text[: len(text) // 2], "empty": "",
+                      "wrong_form": text.replace('"samples": [[', '"samples": [[7, ')}[damage])
+    with caplog.at_level("WARNING", logger="albef_fast"):
+        assert index_shard(shard, cache_dir=cache) == expected
+    assert "unreadable" in caplog.text and "re-indexing" in caplog.text and str(entry) in caplog.text
+    caplog.clear()
+    assert index_shard(shard, cache_dir=cache) == expected and "unreadable" not in caplog.text  # rewritten
+
+
+def test_index_cache_keeps_a_cut_shard_counted(tmp_path, caplog):
+    shard, cache = tmp_path / "cut.tar", tmp_path / "cache"
+    write_shard(shard, 0, 4)
+    _, offset, size = index_shard(shard)[2]
+    shard.write_bytes(shard.read_bytes()[: offset + size // 2])  # cut inside the third image
+    fresh, cached = ShardStats(), ShardStats()
+    out = index_shard(shard, stats=fresh, cache_dir=cache)
+    with caplog.at_level("WARNING", logger="albef_fast"):
+        assert index_shard(shard, stats=cached, cache_dir=cache) == out
+    assert cached == fresh and cached.truncated_shards == [str(shard)] and cached.incomplete_samples == 1
+    assert len(out) == 2 and "cut in the middle" in caplog.text
+
+
+def test_unwritable_index_cache_only_warns(tmp_path, caplog):
+    shard, blocker = tmp_path / "s.tar", tmp_path / "file"
+    write_shard(shard, 0, 3)
+    blocker.write_text("a file where the cache folder should be")
+    with caplog.at_level("WARNING", logger="albef_fast"):
+        assert len(index_shard(shard, cache_dir=blocker / "cache")) == 3
+    assert "could not write the shard index cache" in caplog.text
+
+
+def test_load_sources_uses_the_index_cache(tmp_path):
+    for k in range(2):
+        write_shard(tmp_path / f"s-{k:03d}.tar", 10 * k, 3)
+    spec = str(tmp_path / "s-{000..001}.tar")
+    plain = load_sources([spec])
+    cached = load_sources([spec], index_cache=tmp_path / "cache")
+    assert len(_cache_files(tmp_path / "cache")) == 2
+    again = load_sources([spec], index_cache=tmp_path / "cache")
+    assert plain.samples == cached.samples == again.samples and plain.shard_stats == again.shard_stats
+
+
 def test_not_a_tar_and_missing_shard_refused(tmp_path):
     bad = tmp_path / "bad.tar"
     bad.write_bytes(b"this is not a tar archive at all" * 40)
