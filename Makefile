@@ -4,11 +4,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-v1
+STAMP := $(VENV)/.installed-v2
 
 PINS := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 transformers==5.24.0 tokenizers==0.23.3 \
 	'numpy>=2,<2.4' pillow==13.0.0 pyyaml==6.0.4 tqdm==4.70.1 matplotlib==3.11.2 safetensors==0.8.0 \
-	pytest==9.2.0 pytest-benchmark==5.3.1 nvidia-dali-cuda130==2.4.0 webdataset==1.0.2
+	pytest==9.2.0 pytest-benchmark==5.3.1 nvidia-dali-cuda130==2.4.0 webdataset==1.0.2 \
+	deepspeed==0.19.8
 
 .PHONY: pretrain test bench venv parity-env parity-env-original
 venv: $(STAMP)

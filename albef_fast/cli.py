@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import yaml
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", default="demo", help="YAML file or run preset name (default: demo)")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4 data.batch_size=48")
+        # the deepspeed launcher passes --local_rank=N; the rank is read from LOCAL_RANK/RANK instead
+        s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     e = sub.add_parser("eval-retrieval", help="zero-shot image-text retrieval (ITC ranking, ITM re-rank of top k)")
     e.add_argument("--checkpoint", required=True, help="checkpoint written by `albef-fast pretrain`")
     e.add_argument("--data", default=None, help="retrieval JSON (default: the run's eval file)")
@@ -64,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"albef-fast: error: {exc}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") != "0":  # one summary per job
+        return 0
     print(f"trained {summary.steps} steps; outputs in {summary.output_dir} "
-          f"(metrics.jsonl, losses.png, checkpoint-latest.pt)")
+          f"(metrics.jsonl, losses.png, checkpoint-latest.pt or .json)")
     if summary.retrieval_before:
         print(f"  before: {format_recalls(summary.retrieval_before)}")
     if summary.retrieval_after:

@@ -113,12 +113,21 @@ class OptimConfig:
     warmup_step_iters: int = 100
     max_steps: int | None = None
     """Stop after this many optimizer steps in total (None: run all epochs)."""
+    grad_accum_steps: int = 1
+    """Micro-batches of data.batch_size per process and optimizer step. Global batch =
+    data.batch_size x processes x grad_accum_steps; schedules, logging and checkpoints count optimizer
+    steps. ALBEF: 1."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value before each step; 0 = off (ALBEF does not clip)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.warmup_step_iters < 1 or self.warmup_steps < 0:
             raise ValueError("optim.lr must be > 0, optim.epochs and optim.warmup_step_iters >= 1, "
                              f"optim.warmup_steps >= 0 (got {self.lr}, {self.epochs}, "
                              f"{self.warmup_step_iters}, {self.warmup_steps})")
+        if self.grad_accum_steps < 1 or self.grad_clip < 0:
+            raise ValueError(f"optim.grad_accum_steps must be >= 1 and optim.grad_clip >= 0, got "
+                             f"{self.grad_accum_steps}, {self.grad_clip}")
 
 
 @dataclass(kw_only=True)
@@ -147,6 +156,28 @@ class KernelConfig:
 
 
 @dataclass(kw_only=True)
+class DistributedConfig:
+    strategy: Literal["auto", "none", "ddp", "zero1", "zero2", "zero3"] = "auto"
+    """How the processes a launcher started share the work (albef_fast/distributed):
+    none = one process; ddp = torch DistributedDataParallel; zero1/2/3 = DeepSpeed ZeRO stage 1
+    (optimizer state), 2 (+ gradients) or 3 (+ parameters) partitioned across ranks;
+    auto = ddp when launched with several processes (WORLD_SIZE > 1), else none."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective backend; auto = nccl on CUDA, gloo on the CPU."""
+    timeout_s: float = 1800.0
+    """A collective that waits longer than this fails (a rank died or hangs) instead of hanging forever."""
+    offload_optimizer: bool = False
+    """zero2/zero3: keep the optimizer state in host memory (DeepSpeed offload_optimizer: cpu)."""
+    keep_checkpoints: int = 2
+    """DeepSpeed strategies: checkpoint folders kept (the newest ones; >= 1)."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.keep_checkpoints < 1:
+            raise ValueError(f"distributed.timeout_s must be > 0 and distributed.keep_checkpoints >= 1, got "
+                             f"{self.timeout_s}, {self.keep_checkpoints}")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,6 +185,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "runs/albef"
     seed: int = 42
     device: str = "auto"

@@ -10,25 +10,30 @@ second (evaluation) forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from albef_kernels import ema_update_, itc_loss_bidirectional, mlm_loss, sample_hard_negatives
 from torch import Tensor, nn
 
 from albef_fast.data.batch import Batch
 from albef_fast.models.albef import ALBEF
 from albef_fast.models.queue import FeatureQueues
-from albef_kernels import ema_update_, itc_loss_bidirectional, mlm_loss, sample_hard_negatives
 
 
-@dataclass
-class PretrainOutput:
+class PretrainOutput(NamedTuple):
+    """A named tuple, so that wrappers that look for tensors in a module's outputs (DDP, DeepSpeed ZeRO-3's
+    backward hooks) find them."""
+
     loss: Tensor
     """() itc_loss + itm_loss + mlm_loss (ALBEF weights each by 1)."""
     itc_loss: Tensor
     itm_loss: Tensor
     mlm_loss: Tensor
+    temp: Tensor
+    """() the temperature this forward used (detached; for logging)."""
     image_feat_m: Tensor
     """(B, embed_dim) momentum image features, enqueued by `after_step`."""
     text_feat_m: Tensor
@@ -38,7 +43,7 @@ class PretrainOutput:
 def itm_loss(logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
     """Cross-entropy over (3B, 2) logits, averaged over the pairs with weight 1. With every pair valid
     this is ALBEF's plain mean over 3B; pairs whose hard negative does not exist (B = 1) weigh 0."""
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, reduction="none")
     return (ce * weight).sum() / weight.sum()
 
 
@@ -110,7 +115,7 @@ class PretrainTask(nn.Module):
 
         return PretrainOutput(
             loss=loss_itc + loss_itm + loss_mlm, itc_loss=loss_itc, itm_loss=loss_itm, mlm_loss=loss_mlm,
-            image_feat_m=image_feat_m, text_feat_m=text_feat_m,
+            temp=m.temp.detach().clone().reshape(()), image_feat_m=image_feat_m, text_feat_m=text_feat_m,
         )
 
     def hard_negatives(self, sims: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -143,8 +148,27 @@ class PretrainTask(nn.Module):
             p_m.copy_(p)
 
     @torch.no_grad()
-    def after_step(self, output: PretrainOutput) -> None:
-        """Once per optimizer step, after `optimizer.step()`: EMA, enqueue, temperature clamp."""
+    def after_step(self, outputs: PretrainOutput | Sequence[PretrainOutput], *,
+                   gather: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Once per optimizer step, after `optimizer.step()`: EMA, enqueue, temperature clamp.
+
+        Args:
+            outputs: the step's output, or one per micro-batch under gradient accumulation.
+            gather: distributed runs: (A, B, E) local features -> (A, W*B, E), every rank's rows in
+                rank order, without gradient (albef_fast/distributed/env.py gather_rows).
+        """
         ema_update_(*self.momentum_pairs(), self.momentum)
-        self.queues.enqueue(output.image_feat_m, output.text_feat_m)
+        self.enqueue(outputs, gather=gather)
         self.model.clamp_temp_()
+
+    @torch.no_grad()
+    def enqueue(self, outputs: PretrainOutput | Sequence[PretrainOutput], *,
+                gather: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Write the step's momentum features into the queues: micro-batch by micro-batch, and within
+        one, rank by rank (ALBEF's order for one micro-batch per step)."""
+        outs = [outputs] if isinstance(outputs, PretrainOutput) else list(outputs)
+        image = torch.stack([o.image_feat_m for o in outs])  # (A, B, E)
+        text = torch.stack([o.text_feat_m for o in outs])
+        if gather is not None:  # one collective for both modalities
+            image, text = gather(torch.cat([image, text], dim=-1)).split([image.shape[-1], text.shape[-1]], dim=-1)
+        self.queues.enqueue(image.flatten(0, 1), text.flatten(0, 1))

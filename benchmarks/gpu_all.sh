@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every prepared GPU check in one device call (the device tool returns at most 8 files, so the
 # per-topic outputs are packed into one archive). Per-part time limits keep the call predictable.
-#   run: bash benchmarks/gpu_all.sh
+#   run: bash benchmarks/gpu_all.sh [part ...]   (parts below; gpu_wheels/ must be carried for 'distributed')
 set -uo pipefail
 FINAL=${OUT:-/tmp/albef_gpu_out}
 WORK=$(mktemp -d)
@@ -13,10 +13,21 @@ run_part() {  # name, seconds, script
     echo "rc=$? after $((SECONDS - t0)) s"
     tail -n 25 "$WORK/$1/console.log"
 }
-run_part train_step 90 benchmarks/gpu_run.sh
-[ -f benchmarks/kernels/gpu_itc.sh ] && run_part itc 140 benchmarks/kernels/gpu_itc.sh
-[ -f benchmarks/kernels/gpu_ema_mlm.sh ] && run_part ema_mlm 100 benchmarks/kernels/gpu_ema_mlm.sh
-[ -f benchmarks/gpu_attention.sh ] && run_part attention 120 benchmarks/gpu_attention.sh
-[ -f benchmarks/gpu_parity.sh ] && run_part parity 80 benchmarks/gpu_parity.sh
+# parts: name limit script; `bash benchmarks/gpu_all.sh [name ...]` runs the named ones (default: all)
+PARTS=(
+  "train_step 90 benchmarks/gpu_run.sh"
+  "itc 140 benchmarks/kernels/gpu_itc.sh"
+  "ema_mlm 100 benchmarks/kernels/gpu_ema_mlm.sh"
+  "attention 120 benchmarks/gpu_attention.sh"
+  "parity 80 benchmarks/gpu_parity.sh"
+  "distributed 200 benchmarks/gpu_distributed.sh"
+  "dali 60 benchmarks/gpu_data.sh"
+)
+for part in "${PARTS[@]}"; do
+    read -r name limit script <<< "$part"
+    if [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; then
+        [ -f "$script" ] && run_part "$name" "$limit" "$script"
+    fi
+done
 mkdir -p "$FINAL"
 tar czf "$FINAL/gpu_results.tgz" -C "$WORK" .

@@ -2,16 +2,17 @@
 # DALI on a GPU: the GPU-marked DALI tests and images/s of pil (baseline, same machine) and dali (GPU)
 # at 256 px with the pretraining augmentation. Needs nvidia-dali-cuda130 importable on the GPU machine:
 # the ~200 MB wheel could not be carried to the lent GPU so far (64 MiB per call), so this script exits
-# early with a message when it is missing instead of reporting anything.
+# early with a message when it is missing instead of reporting anything (after the tests that need no DALI).
 #   run: bash benchmarks/gpu_data.sh            (results in $OUT)
 set -uo pipefail
 source benchmarks/gpu_env.sh
+# the torch CUDA equalize path needs no DALI; the DALI tests skip themselves when it is missing
+python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_dali_gpu.py 2>&1 | tee "$OUT/dali_gpu_tests.log"
 if ! python3 -c "import nvidia.dali, webdataset" 2>"$OUT/dali_import.txt"; then
   echo "nvidia-dali / webdataset not importable here: DALI on the GPU stays unmeasured" | tee -a "$OUT/dali_import.txt"
   exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device_data.txt"
-python3 -m pytest -q -p no:cacheprovider tests/gpu/test_dali_gpu.py 2>&1 | tee "$OUT/dali_gpu_tests.log"
 W=$(( $(nproc) > 8 ? 8 : $(nproc) ))
 python3 benchmarks/bench_dataloader.py --backends pil dali --images 512 --batch 64 --workers "$W" \
     --dali-threads 4 --epochs 3 --csv "$OUT/dataloader.csv" 2>&1 | grep -v WARNING | tee "$OUT/bench_dataloader.log"

@@ -14,11 +14,20 @@ Backends (all give `Batch.image` (B, 3, S, S) float32 CLIP-normalised, from the 
 Sharding: the batch sampler strides positions across ranks; the DataLoader hands whole batches to its
 workers round-robin, so each worker reads disjoint samples. Exact resume is the sampler's (the DALI
 stage draws nothing itself).
+
+Overlap. The DALI stage runs in one background thread of the main process (`DaliLoader`, prefetch
+batches ahead, default 2): while the training step of batch i runs, the thread takes batch i+1 from the
+DataLoader and decodes/augments it. One thread processes the batches strictly in sampler order and DALI
+draws nothing, so order and content are those of the synchronous path (prefetch=0), bit for bit. The
+thread spends most of its time inside DALI's C++ executor and torch kernels, which release the GIL.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import torch
@@ -33,6 +42,7 @@ from albef_fast.data.dataset import (
     build_pretrain_loader,
 )
 from albef_fast.data.images import BadSampleError
+from albef_fast.data.sharding import AccumulationBatchSampler
 
 log = logging.getLogger("albef_fast")
 
@@ -82,14 +92,24 @@ class DaliLoader:
     "dali_batch_fallback"; a sample PIL cannot decode either gets the dataset's deterministic
     replacement. The batch keeps its size and order either way.
 
+    With prefetch > 0 a background thread runs the DataLoader and the DALI stage up to `prefetch` decoded
+    batches ahead of the consumer (plus the one it is working on); the batches come out in the same order
+    with the same content as with prefetch=0 (everything in the consumer's thread). Leaving an epoch early
+    (break, an exception) stops the thread after the batch it is on; an exception in the thread (e.g.
+    BadDataError from a worker) is raised in the consumer at the position where it happened.
+
     Args:
         loader: DataLoader over an "encoded" PretrainDataset.
         pipeline: the DALI stage.
         dataset: the dataset (for the fallback and the event counters).
+        prefetch: decoded batches kept ready ahead of the consumer (0: decode synchronously when asked).
     """
 
-    def __init__(self, loader: DataLoader, pipeline: DaliImagePipeline, dataset: PretrainDataset) -> None:
-        self.loader, self.pipeline, self.dataset = loader, pipeline, dataset
+    def __init__(self, loader: DataLoader, pipeline: DaliImagePipeline, dataset: PretrainDataset, *,
+                 prefetch: int = 2) -> None:
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch must be an int >= 0 (batches decoded ahead), got {prefetch!r}")
+        self.loader, self.pipeline, self.dataset, self.prefetch = loader, pipeline, dataset, prefetch
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -99,10 +119,56 @@ class DaliLoader:
         return self.loader.batch_sampler
 
     def __iter__(self) -> Iterator[Batch]:
-        for encoded in self.loader:
-            yield self._decode(encoded)
+        if self.prefetch == 0:
+            for encoded in self.loader:
+                yield self._decode(encoded)
+            return
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
 
-    def _decode(self, batch: EncodedBatch) -> Batch:
+        def put(item: tuple[str, Any]) -> bool:  # False once the consumer has gone
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                if self.pipeline.device == "gpu":  # the DALI copy and the PIL fallback use this thread's stream
+                    torch.cuda.set_device(self.pipeline.device_id)
+                for encoded in self.loader:
+                    if not put(("batch", self._decode(encoded, ready_on_return=True))):
+                        return
+                put(("end", None))
+            except BaseException as e:  # handed to the consumer, raised there
+                put(("error", e))
+
+        thread = threading.Thread(target=produce, name="albef-dali-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = ready.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            stop.set()
+            thread.join()  # never two iterations of the DataLoader at once
+
+    def _decode(self, batch: EncodedBatch, ready_on_return: bool = False) -> Batch:
+        """DALI (or the PIL twin) for one batch; with ready_on_return, a CUDA image is complete on return
+        (the producer thread's stream is not the consumer's)."""
+        out = self._decode_any(batch)
+        if ready_on_return and out.image.is_cuda:
+            torch.cuda.current_stream(out.image.device).synchronize()
+        return out
+
+    def _decode_any(self, batch: EncodedBatch) -> Batch:
         try:
             return batch.to_batch(self.pipeline(batch.encoded, batch.params))
         except RuntimeError as e:
@@ -146,6 +212,7 @@ def build_loader(
     pin_memory: bool,
     dali_threads: int = 4,
     prefetch_factor: int | None = None,
+    dali_prefetch: int = 2,
 ) -> DataLoader | DaliLoader:
     """The pretraining loader for a resolved backend (`choose_backend`).
 
@@ -156,6 +223,7 @@ def build_loader(
         num_workers, pin_memory, prefetch_factor: DataLoader settings (pin_memory is ignored for DALI:
             its images are produced on the device, and the small text tensors are copied as they are).
         dali_threads: DALI CPU threads.
+        dali_prefetch: batches the DALI stage decodes ahead in its background thread (0: synchronous).
     Returns:
         an iterable of `Batch`, re-iterable once per epoch.
     """
@@ -171,7 +239,7 @@ def build_loader(
                                    prefetch_factor=prefetch_factor)
     pipeline = DaliImagePipeline(dataset.transform.size, dataset.transform.augment, sampler.batch_size,
                                  device="gpu" if backend == "dali" else "cpu", num_threads=dali_threads)
-    return DaliLoader(loader, pipeline, dataset)
+    return DaliLoader(loader, pipeline, dataset, prefetch=dali_prefetch)
 
 
 def build_training_data(
@@ -182,7 +250,10 @@ def build_training_data(
     seed: int,
     device: torch.device,
     mlm_probability: float,
-) -> tuple[PretrainDataset, ResumableBatchSampler, DataLoader | DaliLoader, dict[str, int]]:
+    rank: int = 0,
+    world_size: int = 1,
+    accum_steps: int = 1,
+) -> tuple[PretrainDataset, AccumulationBatchSampler, DataLoader | DaliLoader, dict[str, int]]:
     """Everything the training loop needs from `data` (a `config.DataConfig`): sources, sampler (weighted
     mixture when `data.train_weights` is set), dataset for the chosen backend, and the loader.
 
@@ -194,18 +265,25 @@ def build_training_data(
     from albef_fast.data.sources import Mixture
     from albef_fast.data.transforms import ImageTransform
 
-    sources = load_sources(train_files, max_words=data.max_words)
+    # Shard indexes are cached under data.cache_dir, keyed by (path, size, mtime): see sources.index_shard.
+    sources = load_sources(train_files, max_words=data.max_words,
+                           index_cache=Path(data.cache_dir).expanduser() / "shard_index")
     backend = choose_backend(data.image_backend, device)
     dataset = PretrainDataset(sources.samples, ImageTransform(image_size, data.augment),
                               max_text_len=data.max_text_len, mlm_probability=mlm_probability,
                               image_mode="decoded" if backend == "pil" else "encoded")
+    # rank, world_size, accum_steps: this process's slots of each global batch (data/sharding.py)
     if data.train_weights:
         mixture = Mixture(sources.sizes, data.train_weights, seed=seed)
-        sampler: ResumableBatchSampler = MixtureBatchSampler(mixture, data.batch_size, seed=seed)
+        sampler = AccumulationBatchSampler(
+            lambda r, w: MixtureBatchSampler(mixture, data.batch_size, seed=seed, rank=r, world_size=w),
+            rank=rank, world_size=world_size, accum_steps=accum_steps)
         log.info("data: mixing %s with weights %s -> %s samples per epoch", sources.names, data.train_weights,
                  mixture.counts)
     else:
-        sampler = ResumableBatchSampler(len(dataset), data.batch_size, seed=seed)
+        sampler = AccumulationBatchSampler(
+            lambda r, w: ResumableBatchSampler(len(dataset), data.batch_size, seed=seed, rank=r, world_size=w),
+            rank=rank, world_size=world_size, accum_steps=accum_steps)
     loader = build_loader(dataset, sampler, backend, num_workers=data.num_workers,
                           pin_memory=device.type == "cuda", dali_threads=data.dali_threads)
     js, sh = sources.json_stats, sources.shard_stats

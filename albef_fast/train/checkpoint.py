@@ -31,7 +31,8 @@ class RunPosition:
     """Batches of `epoch` already consumed."""
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU and CUDA, Python, NumPy) as tensors and plain values."""
     np_state = np.random.get_state(legacy=False)
     return {
         "torch": torch.get_rng_state(),
@@ -43,7 +44,7 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -54,18 +55,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
                          "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["cached_gaussian"]})
 
 
-def save_checkpoint(output_dir: str | Path, task: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    position: RunPosition, config: dict[str, Any]) -> Path:
-    path = Path(output_dir) / LATEST
+def write_atomic(path: Path, state: dict[str, Any]) -> Path:
+    """torch.save to a temporary name, fsync, rename: `path` is either the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": FORMAT,
-        "task": task.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "position": {"step": position.step, "epoch": position.epoch, "batch": position.batch},
-        "rng": _rng_state(),
-        "config": config,
-    }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -73,6 +65,22 @@ def save_checkpoint(output_dir: str | Path, task: torch.nn.Module, optimizer: to
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def save_checkpoint(output_dir: str | Path, task: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    position: RunPosition, config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write `checkpoint-latest.pt` atomically; `extra` adds entries (distributed runs: world size,
+    strategy, every rank's RNG state)."""
+    state = {
+        "format": FORMAT,
+        "task": task.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "position": {"step": position.step, "epoch": position.epoch, "batch": position.batch},
+        "rng": rng_state(),
+        "config": config,
+        **(extra or {}),
+    }
+    return write_atomic(Path(output_dir) / LATEST, state)
 
 
 class CheckpointError(RuntimeError):
@@ -95,7 +103,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path, task: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     *, restore_rng: bool = True) -> tuple[RunPosition, dict[str, Any]]:
-    """Restore a checkpoint written by `save_checkpoint`; returns the run position and its config."""
+    """Restore a checkpoint written by `save_checkpoint`; returns the run position and the whole state
+    read (its "config", and the distributed entries where present)."""
     state = read_checkpoint(path)
     try:
         task.load_state_dict(state["task"])
@@ -104,5 +113,5 @@ def load_checkpoint(path: str | Path, task: torch.nn.Module, optimizer: torch.op
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if restore_rng:
-        _set_rng_state(state["rng"])
-    return RunPosition(**state["position"]), state["config"]
+        restore_rng_state(state["rng"])
+    return RunPosition(**state["position"]), state

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,17 @@ TRACKED = (*LOSS_KEYS, "temp")  # averaged over the logging interval
 
 
 class MetricsLogger:
-    def __init__(self, path: str | Path, total_steps: int, start_step: int, progress: bool) -> None:
+    def __init__(self, path: str | Path, total_steps: int, start_step: int, progress: bool, *, write: bool = True,
+                 reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Args:
+            write: append rows to `path` (rank 0 of a distributed run; the other ranks only reduce).
+            reduce: distributed runs: the mean over ranks of the interval's sums (a collective that
+                every rank reaches at the same logging steps).
+        """
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.write, self.reduce = write, reduce
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.sums: Tensor | None = None
         self.count = 0
         self.samples = 0
@@ -44,13 +53,15 @@ class MetricsLogger:
         """Write the means since the last call; the one host sync of the interval happens here."""
         if self.count == 0:
             return {}
-        means = (self.sums / self.count).tolist()  # host sync
+        sums = self.sums if self.reduce is None else self.reduce(self.sums)
+        means = (sums / self.count).tolist()  # host sync
         elapsed = time.perf_counter() - self.t0
         row = {"step": step, **dict(zip(TRACKED, means)),
                "samples_per_s": round(self.samples / elapsed, 2), "data_wait": round(self.data_wait / elapsed, 4),
                **extra, "time": round(time.time(), 3)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         if self.bar is not None:
             self.bar.set_postfix(itc=f"{row['itc_loss']:.3f}", itm=f"{row['itm_loss']:.3f}", mlm=f"{row['mlm_loss']:.3f}",
                                  sps=f"{row['samples_per_s']:.1f}", wait=f"{100 * row['data_wait']:.0f}%", refresh=False)

@@ -87,7 +87,7 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path, capsys):
     args = small_run(tmp_path, "run", "optim.max_steps=2", "eval.before_training=false", "eval.after_training=false")
     assert main(["pretrain", *args]) == 0
     assert main(["pretrain", *args, "data.batch_size=16"]) == 2
-    assert "data.batch_size: 8 -> 16" in capsys.readouterr().err
+    assert "global batch (data.batch_size x processes x optim.grad_accum_steps): 8 -> 16" in capsys.readouterr().err
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

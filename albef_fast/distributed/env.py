@@ -1,0 +1,142 @@
+"""Which process this is, and the process group.
+
+Launchers describe the job with environment variables: torchrun and the deepspeed launcher set RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; under SLURM (`srun`, one task per GPU) they
+are derived from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, with MASTER_ADDR/MASTER_PORT
+exported by the batch script (README, "Running at scale"). No variables: one process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+log = logging.getLogger("albef_fast")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_from_launcher(environ: dict[str, str] | None = None) -> DistEnv:
+    """The rank, world size and local rank the launcher gave this process (see the module docstring)."""
+    env = os.environ if environ is None else environ
+
+    def read(name: str) -> int:
+        try:
+            return int(env[name])
+        except ValueError:
+            raise ValueError(f"environment variable {name}={env[name]!r} must be an integer") from None
+
+    if "WORLD_SIZE" in env:
+        world = read("WORLD_SIZE")
+        rank = read("RANK") if "RANK" in env else 0
+        local = read("LOCAL_RANK") if "LOCAL_RANK" in env else 0
+    elif int(env.get("SLURM_NTASKS", "1")) > 1:
+        world, rank, local = read("SLURM_NTASKS"), read("SLURM_PROCID"), read("SLURM_LOCALID")
+    else:
+        return DistEnv()
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(f"inconsistent launcher environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}")
+    if world > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
+        raise ValueError(f"{world} processes but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun or "
+                         "deepspeed, or export them in the SLURM batch script (README, 'Running at scale')")
+    return DistEnv(rank, world, local)
+
+
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed compiles a shared-memory collective op at its first init_distributed on the CPU
+    (about a minute, per venv). Plain gloo collectives are used instead when the build is skipped
+    (ENVIRONMENT.md §4). `import deepspeed.comm.torch` returns the torch module (attribute shadowing),
+    hence sys.modules."""
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def init_process_group(env: DistEnv, device: torch.device, backend: str, timeout_s: float,
+                       *, deepspeed: bool) -> None:
+    """Join the job's process group (env:// rendezvous), also for one process (DDP and DeepSpeed need a
+    group). A collective that waits more than `timeout_s` raises instead of hanging (a dead or stuck rank)."""
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    if not env.is_distributed:  # DeepSpeed needs a process group even for one process
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    timeout = timedelta(seconds=timeout_s)
+    if deepspeed:
+        import deepspeed as ds
+
+        if device.type == "cpu":
+            skip_deepspeed_shm_build()
+        ds.init_distributed(dist_backend=backend, timeout=timeout)
+    elif not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout)
+    log.info("process group: rank %d of %d (local rank %d), backend %s", env.rank, env.world_size, env.local_rank,
+             dist.get_backend())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def gather_rows(x: Tensor) -> Tensor:
+    """(A, N, ...) per rank -> (A, W*N, ...): each rank's rows, in rank order, for every leading index,
+    without gradient (ALBEF's concat_all_gather). One collective. The identity for one process."""
+    W = world_size()
+    if W == 1:
+        return x
+    out = x.new_empty((W * x.shape[0], *x.shape[1:]))  # rank-major: (W*A, N, ...)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
+    gather(out, x.contiguous())
+    return out.unflatten(0, (W, x.shape[0])).transpose(0, 1).flatten(1, 2)  # (A, W*N, ...)
+
+
+def all_reduce_mean(x: Tensor) -> Tensor:
+    """The mean of `x` over ranks (a new tensor); the identity for one process."""
+    W = world_size()
+    if W == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / W
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
