@@ -9,7 +9,8 @@ tokens). The breakdown times each component alone, on the same inputs, synchroni
   vision    online ViT forward+backward and momentum ViT forward
   text      online text layers forward+backward on clean and masked ids, momentum forwards of both
   fusion    online fusion forward+backward on 3B ITM pairs and on B MLM inputs, momentum MLM forward
-  losses    ITC (both directions), hard-negative sampling, ITM head + CE, MLM transform + vocabulary loss, fwd+bwd
+  losses    ITC (both directions, one call), hard-negative sampling (both, one draw), ITM head + CE,
+            MLM transform + vocabulary loss, fwd+bwd (the calls PretrainTask.forward makes)
   ema       the momentum update (one multi-tensor lerp)
   optimizer AdamW step
 The parts need not add up exactly to the step (kernel overlap, allocator and Python overhead).
@@ -39,7 +40,8 @@ from albef_fast.models.presets import get_preset  # noqa: E402
 from albef_fast.task import PretrainTask  # noqa: E402
 from albef_fast.train.optim import build_optimizer  # noqa: E402
 from albef_fast.config import OptimConfig  # noqa: E402
-from albef_kernels import itc_loss, mlm_loss, sample_hard_negatives  # noqa: E402
+from albef_kernels import enabled, itc_loss_bidirectional, mlm_loss, sample_hard_negatives  # noqa: E402
+from albef_kernels._dispatch import OPS  # noqa: E402
 from benchmarks._harness import device_name, git_sha  # noqa: E402
 from albef_fast.task import itm_loss  # noqa: E402
 
@@ -131,10 +133,11 @@ def bench(preset: str, B: int, L: int, device: torch.device, precision: str, war
         fi, fim, ft, ftm = (f.detach().requires_grad_(i % 2 == 0) for i, f in enumerate(feats))
         h = hid.detach().requires_grad_()
         with amp:
-            i2t, s_i2t = itc_loss(fi, fim, ftm, task.queues.text, m.temp, 0.4)
-            t2i, s_t2i = itc_loss(ft, ftm, fim, task.queues.image, m.temp, 0.4)
-            neg_i, v1 = sample_hard_negatives(s_t2i)
-            neg_t, v2 = sample_hard_negatives(s_i2t)
+            # as PretrainTask.forward: both ITC directions in one call, both samplers in one draw
+            itc, sims = itc_loss_bidirectional(fi, fim, ft, ftm, task.queues.image, task.queues.text,
+                                               m.temp, 0.4)
+            index, valid = sample_hard_negatives(sims)  # (2, B): [i2t, t2i]
+            neg_i, neg_t, v1, v2 = index[1], index[0], valid[1], valid[0]
             cls = h.view(B, L, -1)[:, 0]
             logits = m.itm_head(torch.cat([cls, cls[neg_i], cls[neg_t]]))
             w = torch.cat([torch.ones_like(v1, dtype=torch.float), v1.float(), v2.float()])
@@ -143,7 +146,7 @@ def bench(preset: str, B: int, L: int, device: torch.device, precision: str, war
             hm = m.mlm_head.transform(h.index_select(0, batch.mlm_positions))
             mlm = mlm_loss(hm, m.mlm_head.weight, m.mlm_head.bias, batch.mlm_labels, hm.detach(),
                            mm.mlm_head.weight, mm.mlm_head.bias, 0.4)
-        ((i2t + t2i) / 2 + itm + mlm).backward()
+        (itc.mean() + itm + mlm).backward()
 
     def ema():
         from albef_kernels import ema_update_
@@ -191,6 +194,9 @@ def main() -> None:
     dev_name = device_name(device)
     print(f"device: {dev_name}; torch {torch.__version__}; precision {precision}; batch {args.batch}; "
           f"text length <= {args.text_len}; queue {args.queue_size}; median of {args.repeat} after {args.warmup} warm-up")
+    probe = torch.empty(0, device=device)  # which path each fused op takes on this device
+    print("kernel paths: " + ", ".join(f"{op}={'triton' if enabled(op, probe) else 'torch'}" for op in OPS)
+          + " (itc_loss also streams on the CPU above 2^22 logits)")
     cols = ["step", "vision", "text", "fusion", "losses", "ema", "optimizer"]
     print(f"{'preset':<12}" + "".join(f"{c + ' ms':>13}" for c in cols) + f"{'samples/s':>11}{'eff. MFU':>10}{'peak GiB':>10}")
     rows = []

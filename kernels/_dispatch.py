@@ -4,10 +4,11 @@
     with use_backend("torch"): ...       (tests and benchmarks)
     configure("auto", disable={"itc_loss"})   (from the training config)
 
-`use_triton(op, *tensors)` is True when the backend is not "torch", the op is not disabled, Triton
-imports, and the tensors live on a CUDA device. Under `TRITON_INTERPRET=1` (how CI runs kernels on
-the CPU) a forced `use_backend("triton")` also accepts CPU tensors; `auto` never sends CPU tensors to
-the interpreter. The first decision per op is logged once.
+`enabled(op, *tensors)` (public as `albef_kernels.enabled`; `use_triton` is the same and logs) is
+True when the backend is not "torch", the op is not disabled, Triton imports, and the tensors live on
+a CUDA device. Under `TRITON_INTERPRET=1` (how CI runs kernels on the CPU) a forced
+`use_backend("triton")` also accepts CPU tensors; `auto` never sends CPU tensors to the interpreter.
+The first decision per op is logged once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from functools import lru_cache
 
 import torch
 
@@ -29,13 +29,19 @@ _disabled: set[str] = set()
 _logged: set[tuple[str, bool]] = set()
 
 
-@lru_cache(maxsize=1)
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+_TRITON_IMPORTS = _import_triton()  # decided once at import (a constant for torch.compile's tracer)
+
+
+def triton_available() -> bool:
+    return _TRITON_IMPORTS
 
 
 def interpreting() -> bool:
@@ -76,15 +82,31 @@ def configure(backend_name: str = "auto", disable: Iterable[str] = ()) -> None:
     _disabled.update(disable)
 
 
-def use_triton(op: str, *tensors: torch.Tensor) -> bool:
+def enabled(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether `op` takes its Triton kernel (True) or its PyTorch path (False) on these tensors, by the
+    dispatch rules above; logs nothing. Without tensors: whether the op is switched on at all (backend
+    not "torch", op not disabled, Triton importable), i.e. what CUDA tensors would get. An op may still
+    run its PyTorch path for inputs outside its kernel's envelope (dtype, size); for the ITC,
+    `albef_kernels.itc_loss_path` gives the exact path of given inputs.
+
+    Args:
+        op: one of OPS.
+        tensors: the op's tensor inputs (any number).
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}; valid: {list(OPS)}")
     name = backend()
     if name == "torch" or op in _disabled or not triton_available():
-        choice = False
-    elif all(t.is_cuda for t in tensors):
-        choice = True
-    else:
-        choice = name == "triton" and interpreting()
-    if (op, choice) not in _logged:
+        return False
+    if all(t.is_cuda for t in tensors):
+        return True
+    return name == "triton" and interpreting()
+
+
+def use_triton(op: str, *tensors: torch.Tensor) -> bool:
+    """`enabled(op, *tensors)`, logging the first decision of each kind per op."""
+    choice = enabled(op, *tensors)
+    if (op, choice) not in _logged and not torch.compiler.is_compiling():
         _logged.add((op, choice))
         log.info("%s: %s", op, "triton" if choice else "torch reference")
     return choice

@@ -22,6 +22,12 @@ seed gives the same negatives, on any GPU, and the seed is an int drawn on the h
 generator (the global one by default, so torch.manual_seed makes runs reproducible), never read back
 from the device. The uniform is clamped to [tiny, 1 - 1e-7] exactly as in the reference.
 Cost: reads R*B*B logits once, ~20 integer ops per element for Philox; one launch, a few us at B = 64.
+CUDA graphs and torch.compile: a host-drawn seed would be frozen into a captured graph (every replay
+the same noise) and its host draw breaks Dynamo's graph. So while a CUDA graph is being captured, and
+under torch.compile (through the op `torch.ops.albef_kernels.sample_hard_negatives`, registered with
+a fake implementation), the seed is a (1,) tensor drawn on the device by its default generator (one
+extra launch, which a graph makes cheap) and read by the kernel; captured generators advance with each
+replay, so every replay draws afresh.
 Envelope (Triton): float logits, B * B * R < 2^31, a CPU generator or none. A CUDA generator runs the
 reference, which draws from it on the device (also without host synchronisation).
 
@@ -70,10 +76,13 @@ if triton is not None:
         Sim_ptr,  # (R, B, B) logits, row = query, positive on the diagonal (any strides)
         Index_ptr,  # (R, B) int64 out
         Valid_ptr,  # (R, B) bool out
-        seed,  # 31-bit Philox key, drawn on the host
+        seed,  # 31-bit Philox key drawn on the host (unless SEED_FROM_PTR)
+        Seed_ptr,  # (1,) int64 key drawn on the device (read when SEED_FROM_PTR)
         B, stride_r, stride_b, stride_j,
-        BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
     ):
+        if SEED_FROM_PTR:  # CUDA-graph replays and compiled graphs: a fresh key per replay
+            seed = tl.load(Seed_ptr)
         pid = tl.program_id(0)
         r = tl.program_id(1)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -106,12 +115,13 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(_SEED_BOUND, (), generator=generator))
 
 
-def sample_hard_negatives_forward(sim: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+def sample_hard_negatives_forward(sim: Tensor, seed: int | Tensor) -> tuple[Tensor, Tensor]:
     """Triton sampler for a (B, B) matrix or a stack (R, B, B), one launch.
 
     Args:
         sim: (B, B) or (R, B, B) float logits, positive on the diagonal; any strides.
-        seed: int in [0, 2^31 - 1): the Philox key. Same seed and shape -> same draws.
+        seed: the Philox key: an int in [0, 2^31 - 1), or a (1,) int64 tensor on sim's device holding
+            one (read by the kernel, never by the host). Same key and shape -> same draws.
     Returns:
         index: (B,) or (R, B) int64; valid: same shape, bool (see the module docstring).
     """
@@ -119,17 +129,42 @@ def sample_hard_negatives_forward(sim: Tensor, seed: int) -> tuple[Tensor, Tenso
     R, B, _ = stacked.shape
     if R * B * B >= 2**31:
         raise ValueError(f"sample_hard_negatives: R * B * B = {R * B * B} must be < 2^31 (Philox offsets)")
-    if not 0 <= seed < _SEED_BOUND:
+    from_ptr = isinstance(seed, Tensor)
+    if from_ptr and (seed.shape != (1,) or seed.dtype != torch.int64 or seed.device != sim.device):
+        raise ValueError(f"sample_hard_negatives: a seed tensor must be (1,) int64 on {sim.device}, got "
+                         f"{tuple(seed.shape)} {seed.dtype} on {seed.device}")
+    if not from_ptr and not 0 <= seed < _SEED_BOUND:
         raise ValueError(f"sample_hard_negatives: seed={seed} must be in [0, 2^31 - 1)")
     index = torch.empty(R, B, dtype=torch.int64, device=sim.device)
     valid = torch.empty(R, B, dtype=torch.bool, device=sim.device)
     BLOCK_B = max(16, triton.next_power_of_2(B))
     BLOCK_R = max(1, min(triton.next_power_of_2(B), 4096 // BLOCK_B))  # <= 4096 elements per program
     _hard_negatives_kernel[(triton.cdiv(B, BLOCK_R), R)](
-        stacked, index, valid, seed, B, stacked.stride(0), stacked.stride(1), stacked.stride(2),
-        BLOCK_R=BLOCK_R, BLOCK_B=BLOCK_B, num_warps=4,
+        stacked, index, valid, 0 if from_ptr else seed, seed if from_ptr else index, B,
+        stacked.stride(0), stacked.stride(1), stacked.stride(2),
+        BLOCK_R=BLOCK_R, BLOCK_B=BLOCK_B, SEED_FROM_PTR=from_ptr, num_warps=4,
     )
     return (index, valid) if sim.ndim == 3 else (index[0], valid[0])
+
+
+def draw_device_seed(device: torch.device) -> Tensor:
+    """A (1,) int64 key drawn by the device's default generator: inside a CUDA graph it is a captured
+    kernel whose draws advance with every replay (a host-drawn int would be frozen into the graph)."""
+    return torch.randint(_SEED_BOUND, (1,), device=device)
+
+
+# Registered with torch.library so that torch.compile traces the sampler as one node (the host draw of
+# the eager path would break the graph); the key then comes from a device draw inside the graph.
+@torch.library.custom_op("albef_kernels::sample_hard_negatives", mutates_args=())
+def sample_hard_negatives_op(sim: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """`sample_hard_negatives_forward(sim, seed)` with a (1,) int64 device key; (R, B, B) -> (R, B)."""
+    return sample_hard_negatives_forward(sim, seed)
+
+
+@sample_hard_negatives_op.register_fake
+def _sample_hard_negatives_fake(sim: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
+    shape = sim.shape[:-1]
+    return sim.new_empty(shape, dtype=torch.int64), sim.new_empty(shape, dtype=torch.bool)
 
 
 # --- public entry point -----------------------------------------------------------------------------------
@@ -139,7 +174,9 @@ def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None)
     Args:
         sim: (B, B) logits, or (R, B, B) to sample R matrices (e.g. both ITM directions) in one launch.
         generator: RNG of the draws. Triton path: a CPU generator (default: the global CPU one) that
-            yields the kernel's seed. Reference path: a generator on sim's device (default: global).
+            yields the kernel's seed; with none, under torch.compile or while a CUDA graph is being
+            captured, the seed is drawn on the device by its default generator instead (so replays
+            draw afresh). Reference path: a generator on sim's device (default: global).
     Returns:
         index: (B,) or (R, B) int64, a negative key per row (the row itself where none exists).
         valid: same shape, bool, False where the row had no candidate.
@@ -153,6 +190,10 @@ def sample_hard_negatives(sim: Tensor, generator: torch.Generator | None = None)
         raise ValueError(f"sample_hard_negatives expects float logits, got dtype {sim.dtype}")
     cpu_generator = generator is None or generator.device.type == "cpu"
     if use_triton("sample_hard_negatives", sim) and cpu_generator and sim.numel() < 2**31:
+        if generator is None and torch.compiler.is_compiling():
+            return sample_hard_negatives_op(sim, draw_device_seed(sim.device))
+        if generator is None and sim.is_cuda and torch.cuda.is_current_stream_capturing():
+            return sample_hard_negatives_forward(sim, draw_device_seed(sim.device))
         return sample_hard_negatives_forward(sim, draw_seed(generator))
     if sim.ndim == 2:
         return sample_hard_negatives_reference(sim, generator)

@@ -21,23 +21,30 @@ them by the incoming gradient.
 
 Paths, all behind `itc_loss` (one direction) and `itc_loss_bidirectional` (both, one launch):
   reference  `itc_loss_reference`: several (B, N) fp32 tensors; the oracle, kept as written.
-  triton     (CUDA, or the interpreter under use_backend("triton")) split-K ("flash-decoding"): program
-             (rows, split s, direction) streams its chunk of the keys with an online log-sum-exp in
-             registers and writes per-split (max, sum, O) partials; a combine kernel (one program per
-             row and direction) merges the splits and writes loss rows, dq and dT rows; one torch sum
-             reduces the rows. Split 0 also streams the in-batch keys and writes the (B, B) block.
+  triton     (CUDA, or the interpreter under use_backend("triton")) split-K ("flash-decoding"): the
+             rows of a direction are X = [q; q_m] (2B rows sharing every key); program (row block of X,
+             split s, direction) streams its chunk of the keys with an online log-sum-exp in registers
+             and writes per-split (max, sum, O) partials; a combine kernel (one program per row and
+             direction) merges the splits and writes dq and the loss and dT rows, and the last of its
+             programs to arrive (an atomic counter, zeroed by the forward kernel) sums the rows in a
+             fixed order. Split 0 also streams the in-batch keys and writes the (B, B) block.
   streaming  plain PyTorch, the same identity chunked over the queue (O(B*chunk + B*D) memory): the
              CPU fallback for large shapes (B * (B + Q) >= STREAMING_MIN_LOGITS) and for inputs the
              kernel does not cover.
 
 Cost model (Triton, both directions): designed to read each queue once from HBM per call (the row
-blocks of a split are launched side by side and share its keys through L2), plus the partials, S * 4B * D * 4 bytes written
-and read once. FLOPs 4 * 2B * N * D per direction (two tensor-core GEMMs per key tile, online and
-momentum rows), so 17.2 GFLOP at B = 64, Q = 65,536, D = 256: memory-bound below B ~ 150 on an H100
-(report GB/s there), compute-bound above (report TFLOP/s).
-Launches: forward = split-K kernel + combine kernel + one torch sum; backward = two elementwise ops.
-At B = 64 the GPU work is ~20-30 us, so the host's launch overhead matters: the benchmark reports the
-eager time and the time replayed from a CUDA graph.
+blocks of a split are launched side by side and share its keys through L2; at B = 64 one 128-row
+block holds a whole direction), plus the partials, S * 4B * D * 4 bytes written and read once.
+FLOPs 4 * 2B * N * D per direction (two tensor-core GEMMs per key tile, online and momentum rows), so
+17.2 GFLOP at B = 64, Q = 65,536, D = 256: memory-bound below B ~ 150 on an H100 (report GB/s there),
+compute-bound above (report TFLOP/s).
+Launches: forward = split-K kernel + combine kernel (no torch op; tests/unit/test_itc_kernel.py counts
+them); backward = two elementwise ops (dot for temp, one product for both queries). At B = 64 the GPU
+work is tens of us, so the host's launch overhead matters: the benchmark reports the eager time and the
+time replayed from a CUDA graph, and whole-step capture is the lever. torch.compile: the fused paths
+are registered as the op `torch.ops.albef_kernels.itc_loss` (fake implementation + backward), used
+when compiling (no graph break); eager calls take an autograd.Function around the same code, whose
+host path is cheaper than the registered op's Python dispatch.
 Precision: fp32 accumulation throughout. bf16/fp16 queues run bf16/fp16 tensor-core dots (the queries
 are rounded to the queue's dtype, softmax weights to the same before the P @ K product, as in
 FlashAttention); fp32 queues use 3xTF32 dots (~fp32 accuracy). The interpreter always computes fp32.
@@ -50,6 +57,7 @@ References: ALBEF (arXiv:2107.07651) ITC with momentum distillation; FlashAttent
 arXiv:2307.08691); Flash-Decoding (split-K for few query rows); Inf-CL (arXiv:2410.17243).
 """
 
+import functools
 import math
 
 import torch
@@ -170,10 +178,9 @@ if triton is not None:
         Q0_ptr, QM0_ptr, K0_ptr, QU0_ptr,  # direction 0: q, q_m, keys_m (B, D) features; queue (Q, D)
         Q1_ptr, QM1_ptr, K1_ptr, QU1_ptr,  # direction 1 (the same tensors again when there is one)
         Temp_ptr,  # () temperature
-        PartM_ptr,  # (R, 2, S, B) fp32: per split, running max of s * log2(e) of each row
-        PartL_ptr,  # (R, 2, S, B) fp32: per split, sum of exp2(s*log2e - max)
-        PartO_ptr,  # (R, 2, S, B, D) fp32: per split, sum of exp2(...) * k (unnormalised O)
+        Work_ptr,  # fp32 workspace: PartM, PartL (R, 2, S, B) each, PartO (R, 2, S, B, D); see _workspace
         Sim_ptr,  # (R, B, B) fp32: in-batch logits of the online rows
+        Count_ptr,  # (R,) int32: the combine kernel's arrival counters, zeroed here
         stride_q0, stride_qm0, stride_k0, stride_qu0,  # row strides (the last dim is contiguous)
         stride_q1, stride_qm1, stride_k1, stride_qu1,
         B, Q, CHUNK, S,  # batch, queue rows, queue rows per split, number of splits
@@ -182,38 +189,39 @@ if triton is not None:
         LOWP_DOT: tl.constexpr,  # dots in the queue's 16-bit dtype (else fp32 inputs)
         PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 inputs ("tf32x3" on GPU, "ieee")
     ):
-        # program id 0 runs fastest: the row blocks (online and momentum) of one split and direction
-        # are launched side by side and read the same keys, which then come from L2.
+        # The rows of a direction are X = [q; q_m] (2B rows): online and momentum queries share every
+        # key, so one program takes up to BLOCK_M of them and loads each key tile once for both (at
+        # B = 64 a 128-row block holds the whole direction: 2 x S programs in all). Program id 0 runs
+        # fastest: the row blocks of one split are launched side by side and share its keys in L2.
         pid_r = tl.program_id(0)
         pid_s = tl.program_id(1)
         dirn = tl.program_id(2)
-        n_rb = tl.cdiv(B, BLOCK_M)
-        kind = pid_r // n_rb  # 0: online rows q, 1: momentum rows q_m
-        rb = pid_r % n_rb
         if dirn == 0:
+            Q_ptr, QM_ptr, stride_q, stride_qm = Q0_ptr, QM0_ptr, stride_q0, stride_qm0
             Kb_ptr, stride_kb, Qu_ptr, stride_qu = K0_ptr, stride_k0, QU0_ptr, stride_qu0
-            if kind == 0:
-                X_ptr, stride_x = Q0_ptr, stride_q0
-            else:
-                X_ptr, stride_x = QM0_ptr, stride_qm0
         else:
+            Q_ptr, QM_ptr, stride_q, stride_qm = Q1_ptr, QM1_ptr, stride_q1, stride_qm1
             Kb_ptr, stride_kb, Qu_ptr, stride_qu = K1_ptr, stride_k1, QU1_ptr, stride_qu1
-            if kind == 0:
-                X_ptr, stride_x = Q1_ptr, stride_q1
-            else:
-                X_ptr, stride_x = QM1_ptr, stride_qm1
         if LOWP_DOT:
             dot_ty = QU0_ptr.dtype.element_ty
         else:
             dot_ty = tl.float32
+        if (pid_r == 0) & (pid_s == 0):  # the combine kernel runs after this one (same stream)
+            tl.store(Count_ptr + dirn, 0)
 
-        offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)  # row of X
         offs_d = tl.arange(0, BLOCK_D)
-        row_ok = offs_m < B
+        row_ok = offs_r < 2 * B
+        is_m = offs_r >= B  # a momentum row
+        offs_i = tl.where(is_m, offs_r - B, offs_r)  # its sample
         d_ok = offs_d < D  # constant-folded when D == BLOCK_D
-        # padded rows load zeros: finite logits, never stored
-        x = tl.load(X_ptr + offs_m[:, None] * stride_x + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(dot_ty)
+        # a block may straddle q and q_m: two masked loads, each row from one of them; padded rows load
+        # zeros (finite logits, never stored)
+        on_ok = (row_ok & (offs_r < B))[:, None] & d_ok[None, :]
+        mo_ok = (row_ok & is_m)[:, None] & d_ok[None, :]
+        x = (tl.load(Q_ptr + offs_i[:, None] * stride_q + offs_d[None, :], mask=on_ok, other=0.0)
+             + tl.load(QM_ptr + offs_i[:, None] * stride_qm + offs_d[None, :], mask=mo_ok, other=0.0))
+        x = x.to(dot_ty)
         inv_t = 1.0 / tl.load(Temp_ptr).to(tl.float32)
         scale = inv_t * 1.4426950408889634  # log2(e): the online softmax runs on exp2
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -227,9 +235,8 @@ if triton is not None:
                 k = tl.load(Kb_ptr + offs_n[:, None] * stride_kb + offs_d[None, :],
                             mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(dot_ty)
                 s = tl.dot(x, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32
-                if kind == 0:
-                    tl.store(Sim_ptr + dirn * B * B + offs_m[:, None] * B + offs_n[None, :], s * inv_t,
-                             mask=row_ok[:, None] & n_ok[None, :])
+                tl.store(Sim_ptr + dirn * B * B + offs_i[:, None] * B + offs_n[None, :], s * inv_t,
+                         mask=(row_ok & (offs_r < B))[:, None] & n_ok[None, :])  # online rows only
                 s = tl.where(n_ok[None, :], s * scale, float("-inf"))  # padded keys get no weight
                 m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has one real key
                 corr = tl.exp2(m_i - m_new)  # rescale of the sums taken under the old max
@@ -254,10 +261,12 @@ if triton is not None:
             acc = acc * corr[:, None] + tl.dot(p.to(dot_ty), k, input_precision=PRECISION)
             m_i = m_new
 
-        part = ((dirn * 2 + kind) * S + pid_s) * B + offs_m  # (BLOCK_M,) index into (R, 2, S, B)
-        tl.store(PartM_ptr + part, m_i, mask=row_ok)
-        tl.store(PartL_ptr + part, l_i, mask=row_ok)
-        tl.store(PartO_ptr + part.to(tl.int64)[:, None] * D + offs_d[None, :], acc,
+        n_part = 2 * S * B * tl.num_programs(2)  # elements of PartM (and of PartL)
+        kind = is_m.to(tl.int32)
+        part = ((dirn * 2 + kind) * S + pid_s) * B + offs_i  # (BLOCK_M,) index into (R, 2, S, B)
+        tl.store(Work_ptr + part, m_i, mask=row_ok)
+        tl.store(Work_ptr + n_part + part, l_i, mask=row_ok)
+        tl.store(Work_ptr + 2 * n_part + part.to(tl.int64)[:, None] * D + offs_d[None, :], acc,
                  mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
@@ -285,14 +294,16 @@ if triton is not None:
 
     @triton.jit
     def _itc_loss_combine_kernel(
-        PartM_ptr, PartL_ptr, PartO_ptr,  # partials of the forward kernel
+        Work_ptr,  # the forward kernel's workspace (partials), then (2, R, B) loss and dL/dT rows
         Q0_ptr, K0_ptr, Q1_ptr, K1_ptr,  # online queries and in-batch keys of each direction (B, D)
         stride_q0, stride_k0, stride_q1, stride_k1,
         Temp_ptr,  # () temperature
         Dq_ptr,  # (R, B, D) fp32: gradient of each direction's mean loss to its q
-        Rows_ptr,  # (2, R, B) fp32: loss_i / B and dL_i/dT / B
+        Loss_ptr,  # (R,) fp32: mean loss of each direction
+        Dtemp_ptr,  # (R,) fp32: dL/dT of each direction's mean loss
+        Count_ptr,  # (R,) int32 arrival counters, zeroed by the forward kernel
         alpha, B, S,
-        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
     ):
         i = tl.program_id(0)
         dirn = tl.program_id(1)
@@ -307,6 +318,9 @@ if triton is not None:
         k = tl.load(k_row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         inv_t = 1.0 / tl.load(Temp_ptr).to(tl.float32)
 
+        n_part = 2 * S * B * R
+        PartM_ptr, PartL_ptr, PartO_ptr = Work_ptr, Work_ptr + n_part, Work_ptr + 2 * n_part
+        Rows_ptr = Work_ptr + (2 + D) * n_part  # (2, R, B)
         o, lse2 = _merge_splits(PartM_ptr, PartL_ptr, PartO_ptr, (dirn * 2 * S) * B + i, B, S, offs_d,
                                 d_ok, D, BLOCK_S, BLOCK_D)
         o_m, _ = _merge_splits(PartM_ptr, PartL_ptr, PartO_ptr, ((dirn * 2 + 1) * S) * B + i, B, S, offs_d,
@@ -319,22 +333,58 @@ if triton is not None:
         tl.store(Rows_ptr + dirn * B + i, loss / B)
         tl.store(Rows_ptr + (R + dirn) * B + i, dtemp / B)
 
+        # The mean over rows without another launch: the last program of a direction to arrive sums
+        # its B rows in a fixed order (deterministic). The barrier orders this program's row stores
+        # before the counter's release; the acq_rel atomic makes every other program's rows visible to
+        # the last one, whose loads are volatile (never a stale L1 line). The counters live in a
+        # per-call buffer zeroed by the forward kernel: no memset launch, no state kept between calls
+        # (nothing to go wrong in a CUDA-graph pool).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Count_ptr + dirn, 1, sem="acq_rel")
+        if arrived == B - 1:
+            l_acc = tl.zeros([BLOCK_B], tl.float32)
+            t_acc = tl.zeros([BLOCK_B], tl.float32)
+            for b0 in range(0, B, BLOCK_B):
+                offs_b = b0 + tl.arange(0, BLOCK_B)
+                b_ok = offs_b < B
+                l_acc += tl.load(Rows_ptr + dirn * B + offs_b, mask=b_ok, other=0.0, volatile=True)
+                t_acc += tl.load(Rows_ptr + (R + dirn) * B + offs_b, mask=b_ok, other=0.0, volatile=True)
+            tl.store(Loss_ptr + dirn, tl.sum(l_acc, 0))
+            tl.store(Dtemp_ptr + dirn, tl.sum(t_acc, 0))
+
+    # Shared memory at BLOCK_D = 256 compiled for sm_90 offline (benchmarks/kernels/sm90_resources.py,
+    # limit 232,448 B): every config below fits with 16-bit queues (53-213 KB); fp32 queues (3xTF32
+    # dots) need ~2-3x more and only these four fit (98-229 KB). The others are pruned before
+    # compiling rather than compiled and dropped by the autotuner (seconds each on the GPU).
+    _FP32_D256_FITS = {(64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)}  # (M, N, warps, stages)
+
+    def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+        lowp = kwargs.get("LOWP_DOT", named_args.get("LOWP_DOT"))
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        if lowp or block_d < 256:
+            return configs
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in _FP32_D256_FITS]
+
+    _FWD_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        # 8 warps at 64 rows: half the accumulator per thread, the fewest register spills offline
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        # 128 rows: at B = 64 a whole direction [q; q_m] per program, each key tile loaded once
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+    ]
+
     if not _dispatch.interpreting():  # autotune needs a GPU driver; the interpreter keeps one config
         _itc_loss_fwd_kernel = triton.autotune(
-            # fp32 keys with 3xTF32 dots need ~4x the shared memory of bf16 ones: at D=256 only the
-            # small tiles fit in Hopper's 227 KB (checked by compiling for sm_90 offline; the
-            # autotuner drops the configs that do not fit).
-            configs=[
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-                triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-                triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-                triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-                triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-                triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-            ],
-            key=["B", "CHUNK", "D", "LOWP_DOT"],
+            configs=_FWD_CONFIGS, key=["B", "CHUNK", "D", "LOWP_DOT"],
+            prune_configs_by={"early_config_prune": _prune_configs},
         )(_itc_loss_fwd_kernel)
 
 
@@ -374,7 +424,7 @@ def _triton_fits(directions: list[Direction], temp: Tensor) -> bool:
         and len({t.device for t in (*feats, *queues, temp)}) == 1
         # int32 element offsets inside the kernels (the partials of O use int64)
         and all((t.shape[0] - 1) * t.stride(0) + D < 2**31 for t in (*feats, *queues) if t.shape[0])
-        and 4 * B * (Q // _QUEUE_ALIGN + 1) < 2**31
+        and 4 * B * (Q // _QUEUE_ALIGN + 1) * (D + 2) < 2**31  # the workspace's int32 offsets
     )
 
 
@@ -383,24 +433,74 @@ def _row_major(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _num_splits(rows: int, Q: int, device: torch.device, directions: int) -> int:
-    """Queue splits so that the programs (2 row kinds x row blocks x splits x directions) cover the GPU
+    """Queue splits so that the programs (row blocks of [q; q_m] x splits x directions) cover the GPU
     about twice. More splits: more parallelism, but more partials (S * 4B * D * 4 bytes) to write and
     merge; benchmarks/kernels/bench_itc_loss.py --splits measures the trade-off."""
     if Q == 0:
         return 1
-    if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 8  # the interpreter: a handful of programs
-    programs_per_split = 2 * triton.cdiv(rows, 64) * directions  # at the smaller BLOCK_M
+    target = 2 * _sm_count(device) if device.type == "cuda" else 8  # the interpreter: a few programs
+    programs_per_split = triton.cdiv(2 * rows, 64) * directions  # at the smaller BLOCK_M
     return max(1, min(triton.cdiv(Q, _QUEUE_ALIGN), target // programs_per_split))
+
+
+def _triton_forward(
+    directions: list[Direction], temp: Tensor, alpha: float, splits: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The launches of the Triton path, inputs already checked (`itc_loss_forward`, `_choose_path`):
+    two kernels, four outputs, a workspace and two counters allocated; no other torch op, so on a GPU
+    the forward costs two launches."""
+    R = len(directions)
+    dirs = [tuple(_row_major(t) for t in d) for d in directions]
+    if R == 1:
+        dirs = dirs * 2  # the kernels take two directions; grid axis R launches only the first
+    (q0, qm0, k0, qu0), (q1, qm1, k1, qu1) = dirs
+    B, D = q0.shape
+    Q = qu0.shape[0]
+    device = q0.device
+    S = splits or _num_splits(B, Q, device, R)
+    chunk = triton.cdiv(triton.cdiv(Q, S), _QUEUE_ALIGN) * _QUEUE_ALIGN if Q else _QUEUE_ALIGN
+    S = max(1, triton.cdiv(Q, chunk))
+    interp = _dispatch.interpreting()
+    lowp = qu0.dtype in _LOWP and not interp  # bf16 tl.dot is wrong in the interpreter: fp32 there
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    # fp32 dots as 3xTF32 on the GPU (~fp32 accuracy at tensor-core speed); 16-bit dots take the default
+    precision = "ieee" if interp else ("tf32" if lowp else "tf32x3")
+
+    # one workspace: PartM, PartL (R, 2, S, B), PartO (R, 2, S, B, D), then the (2, R, B) rows
+    n_part = R * 2 * S * B
+    work = torch.empty((2 + D) * n_part + 2 * R * B, device=device, dtype=torch.float32)
+    sim = torch.empty(R, B, B, device=device, dtype=torch.float32)
+    counters = torch.empty(R, device=device, dtype=torch.int32)
+    meta = {} if not interp else {"BLOCK_M": 16, "BLOCK_N": 16}
+    grid = lambda META: (triton.cdiv(2 * B, META["BLOCK_M"]), S, R)  # noqa: E731
+    _itc_loss_fwd_kernel[grid](
+        q0, qm0, k0, qu0, q1, qm1, k1, qu1, temp, work, sim, counters,
+        q0.stride(0), qm0.stride(0), k0.stride(0), qu0.stride(0),
+        q1.stride(0), qm1.stride(0), k1.stride(0), qu1.stride(0),
+        B, Q, chunk, S, D=D, BLOCK_D=BLOCK_D, LOWP_DOT=lowp, PRECISION=precision, **meta,
+    )
+    dq = torch.empty(R, B, D, device=device, dtype=torch.float32)
+    loss = torch.empty(R, device=device, dtype=torch.float32)
+    dtemp = torch.empty(R, device=device, dtype=torch.float32)
+    _itc_loss_combine_kernel[(B, R)](
+        work, q0, k0, q1, k1, q0.stride(0), k0.stride(0), q1.stride(0), k1.stride(0),
+        temp, dq, loss, dtemp, counters, float(alpha), B, S, D=D,
+        BLOCK_S=min(16, triton.next_power_of_2(S)), BLOCK_D=BLOCK_D,
+        BLOCK_B=min(1024, triton.next_power_of_2(B)), num_warps=4 if BLOCK_D >= 128 else 1,
+    )
+    return loss, sim, dq, dtemp
 
 
 def itc_loss_forward(
     directions: list[Direction], temp: Tensor, alpha: float, *, splits: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Triton forward of one or two directions in one launch (+ combine + one sum).
+    """Triton forward of one or two directions in one launch (+ the combine launch).
 
     Args:
         directions: R in {1, 2} tuples (q, q_m, keys_m, queue): (B, D) features, (Q, D) queue.
@@ -417,100 +517,163 @@ def itc_loss_forward(
     _validate(directions)
     if not _triton_fits(directions, temp):
         raise ValueError("itc_loss_forward: inputs outside the Triton envelope (see the module docstring)")
-    dirs = [tuple(_row_major(t) for t in d) for d in directions]
-    if R == 1:
-        dirs = dirs * 2  # the kernel takes two directions; grid axis 2 launches only the first
-    (q0, qm0, k0, qu0), (q1, qm1, k1, qu1) = dirs
-    B, D = q0.shape
-    Q = qu0.shape[0]
-    device = q0.device
-    S = splits or _num_splits(B, Q, device, R)
-    chunk = triton.cdiv(triton.cdiv(Q, S), _QUEUE_ALIGN) * _QUEUE_ALIGN if Q else _QUEUE_ALIGN
-    S = max(1, triton.cdiv(Q, chunk))
-    temp32 = temp.detach().reshape(()).to(torch.float32)
-    interp = _dispatch.interpreting()
-    lowp = qu0.dtype in _LOWP and not interp  # bf16 tl.dot is wrong in the interpreter: fp32 there
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    # fp32 dots as 3xTF32 on the GPU (~fp32 accuracy at tensor-core speed); 16-bit dots take the default
-    precision = "ieee" if interp else ("tf32" if lowp else "tf32x3")
-
-    part_m = torch.empty(R, 2, S, B, device=device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_o = torch.empty(R, 2, S, B, D, device=device, dtype=torch.float32)
-    sim = torch.empty(R, B, B, device=device, dtype=torch.float32)
-    meta = {} if not interp else {"BLOCK_M": 16, "BLOCK_N": 16}
-    grid = lambda META: (2 * triton.cdiv(B, META["BLOCK_M"]), S, R)  # noqa: E731
-    _itc_loss_fwd_kernel[grid](
-        q0, qm0, k0, qu0, q1, qm1, k1, qu1, temp32, part_m, part_l, part_o, sim,
-        q0.stride(0), qm0.stride(0), k0.stride(0), qu0.stride(0),
-        q1.stride(0), qm1.stride(0), k1.stride(0), qu1.stride(0),
-        B, Q, chunk, S, D=D, BLOCK_D=BLOCK_D, LOWP_DOT=lowp, PRECISION=precision, **meta,
-    )
-    dq = torch.empty(R, B, D, device=device, dtype=torch.float32)
-    rows = torch.empty(2, R, B, device=device, dtype=torch.float32)
-    _itc_loss_combine_kernel[(B, R)](
-        part_m, part_l, part_o, q0, k0, q1, k1, q0.stride(0), k0.stride(0), q1.stride(0), k1.stride(0),
-        temp32, dq, rows, float(alpha), B, S, D=D, BLOCK_S=min(16, triton.next_power_of_2(S)),
-        BLOCK_D=BLOCK_D, num_warps=4 if BLOCK_D >= 128 else 1,
-    )
-    loss, dtemp = rows.sum(dim=-1)  # (2, R): the mean loss and dL/dT of each direction (fixed order)
-    return loss, sim, dq, dtemp
+    return _triton_forward(directions, temp, alpha, splits)
 
 
-# --- autograd ---------------------------------------------------------------------------------------
+# --- autograd: the same forward and backward behind two front doors --------------------------------
+# Eager calls go through an autograd.Function; under torch.compile the wrapper calls the op registered
+# with torch.library (fake implementation for shapes, registered backward), which Dynamo and CUDA-graph
+# capture trace without a graph break. Eager calls avoid the registered op because its Python dispatch
+# costs ~2x the whole launcher's host time (measured on the CPU with the kernels stubbed: ~130 vs ~40 us
+# forward), and the eager ITC is host-bound at B = 64.
+def _forward(directions: list[Direction], temp: Tensor, alpha: float, path: str) -> tuple[Tensor, ...]:
+    if path == "triton":
+        return _triton_forward(directions, temp, alpha)
+    if path == "streaming":
+        return itc_loss_streaming_forward(directions, temp, alpha)
+    raise ValueError(f"itc_loss path must be 'triton' or 'streaming', got {path!r}")
+
+
+def _backward(dq: Tensor, dtemp: Tensor, grad_loss: Tensor | None, need_q: list[bool], need_temp: bool,
+              q_dtypes: list[torch.dtype], temp_meta: tuple) -> tuple[list[Tensor | None], Tensor | None]:
+    """The forward already holds d(mean loss)/dq and d/dT: scale them by the incoming gradient (two
+    elementwise launches: the dot for temp, one product for the queries of both directions)."""
+    if grad_loss is None:  # only the detached outputs were used
+        return [None] * len(need_q), None
+    g = grad_loss.to(dq.dtype)  # (R,)
+    grad_temp = torch.dot(dtemp, g).reshape(temp_meta[0]).to(temp_meta[1]) if need_temp else None
+    scaled = dq * g[:, None, None] if any(need_q) else None
+    return [scaled[r].to(dt) if need_q[r] else None for r, dt in enumerate(q_dtypes)], grad_temp
+
+
 class ITCLossFunction(torch.autograd.Function):
-    """Forward computes the loss and the gradients (to q of each direction and to temp); backward
-    scales them by the incoming gradient. Inputs: temp, alpha, path ("triton" | "streaming"), then
-    q, q_m, keys_m, queue for each direction. Outputs: loss (R,), sim (R, B, B) (not differentiable)."""
+    """Eager autograd. Inputs: temp, alpha, path ("triton" | "streaming"), then q, q_m, keys_m, queue
+    of each direction. Outputs: loss (R,), sim (R, B, B) (not differentiable)."""
 
     @staticmethod
     def forward(ctx, temp: Tensor, alpha: float, path: str, *tensors: Tensor) -> tuple[Tensor, Tensor]:
         directions = [tuple(tensors[i:i + 4]) for i in range(0, len(tensors), 4)]
-        forward = itc_loss_forward if path == "triton" else itc_loss_streaming_forward
-        loss, sim, dq, dtemp = forward(directions, temp, alpha)
+        loss, sim, dq, dtemp = _forward(directions, temp, alpha, path)
         ctx.save_for_backward(dq, dtemp)
         ctx.temp_meta = (temp.shape, temp.dtype)
         ctx.q_dtypes = [d[0].dtype for d in directions]
         ctx.mark_non_differentiable(sim)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for sim (a launch)
         return loss, sim
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss: Tensor, grad_sim: Tensor | None):
+    def backward(ctx, grad_loss: Tensor | None, grad_sim: Tensor | None):
         dq, dtemp = ctx.saved_tensors
-        g = grad_loss.to(dq.dtype)  # (R,)
-        grads: list[Tensor | None] = [None, None, None]
-        if ctx.needs_input_grad[0]:
-            shape, dtype = ctx.temp_meta
-            grads[0] = torch.dot(dtemp, g).reshape(shape).to(dtype)
-        need_q = [ctx.needs_input_grad[3 + 4 * r] for r in range(len(ctx.q_dtypes))]
-        scaled = dq * g[:, None, None] if any(need_q) else None  # one launch for both directions
-        for r, q_dtype in enumerate(ctx.q_dtypes):
-            grads += [scaled[r].to(q_dtype) if need_q[r] else None, None, None, None]
+        R = len(ctx.q_dtypes)
+        need_q = [ctx.needs_input_grad[3 + 4 * r] for r in range(R)]
+        grad_q, grad_temp = _backward(dq, dtemp, grad_loss, need_q, ctx.needs_input_grad[0], ctx.q_dtypes,
+                                      ctx.temp_meta)
+        grads: list[Tensor | None] = [grad_temp, None, None]
+        for r in range(R):
+            grads += [grad_q[r], None, None, None]
         return tuple(grads)
 
 
+@torch.library.custom_op("albef_kernels::itc_loss", mutates_args=())
+def itc_loss_op(
+    q0: Tensor, qm0: Tensor, k0: Tensor, qu0: Tensor, q1: Tensor, qm1: Tensor, k1: Tensor, qu1: Tensor,
+    temp: Tensor, alpha: float, directions: int, path: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Loss, in-batch block and gradients of `directions` (1 or 2) ITC directions (for torch.compile).
+
+    Args:
+        q0, qm0, k0, qu0: direction 0 (q, q_m, keys_m (B, D); queue (Q, D)).
+        q1, qm1, k1, qu1: direction 1 (ignored when directions == 1; pass direction 0 again).
+        temp: () temperature.  alpha: distillation weight.  path: "triton" or "streaming".
+    Returns:
+        loss (R,), sim (R, B, B), dq (R, B, D), dtemp (R,) in promote_types(q.dtype, float32): the
+        mean losses, the in-batch logits and the gradients of each mean loss to its q and to temp.
+    """
+    return _forward([(q0, qm0, k0, qu0), (q1, qm1, k1, qu1)][:directions], temp, alpha, path)
+
+
+@itc_loss_op.register_fake
+def _itc_loss_fake(q0, qm0, k0, qu0, q1, qm1, k1, qu1, temp, alpha, directions, path):
+    B, D = q0.shape
+    acc = torch.promote_types(q0.dtype, torch.float32)
+    return (q0.new_empty(directions, dtype=acc), q0.new_empty(directions, B, B, dtype=acc),
+            q0.new_empty(directions, B, D, dtype=acc), q0.new_empty(directions, dtype=acc))
+
+
+def _itc_loss_setup_context(ctx, inputs, output) -> None:
+    _, _, dq, dtemp = output
+    ctx.save_for_backward(dq, dtemp)
+    temp, directions = inputs[8], inputs[10]
+    ctx.temp_meta = (temp.shape, temp.dtype)
+    ctx.q_dtypes = [inputs[0].dtype, inputs[4].dtype][:directions]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for sim, dq, dtemp (three launches)
+
+
+def _itc_loss_op_backward(ctx, grad_loss, grad_sim, grad_dq, grad_dtemp):
+    dq, dtemp = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_q, grad_temp = _backward(dq, dtemp, grad_loss, [need[0], need[4]][:len(ctx.q_dtypes)], need[8],
+                                  ctx.q_dtypes, ctx.temp_meta)
+    grad_q += [None] * (2 - len(grad_q))
+    return (grad_q[0], None, None, None, grad_q[1], None, None, None, grad_temp, None, None, None)
+
+
+itc_loss_op.register_autograd(_itc_loss_op_backward, setup_context=_itc_loss_setup_context)
+
+
+def itc_loss_fused(
+    directions: list[Direction], temp: Tensor, alpha: float, path: str
+) -> tuple[Tensor, Tensor]:
+    """Loss (R,) of R = len(directions) directions, with gradients to each q and to temp, and the
+    detached in-batch block (R, B, B), on `path` "triton" or "streaming": the autograd.Function when
+    eager, the registered op under torch.compile."""
+    if torch.compiler.is_compiling():
+        d0 = directions[0]
+        d1 = directions[1] if len(directions) == 2 else d0
+        loss, sim, _, _ = itc_loss_op(*d0, *d1, temp, float(alpha), len(directions), path)
+        return loss, sim
+    return ITCLossFunction.apply(temp, alpha, path, *(t for d in directions for t in d))
+
+
 # --- public entry points ----------------------------------------------------------------------------
-def _kernels_enabled(op: str) -> bool:
-    """The op is neither switched off (ALBEF_KERNELS=torch, kernels.disable) nor forced to the reference."""
-    return _dispatch.backend() != "torch" and op not in _dispatch._disabled
-
-
-def _choose_path(directions: list[Direction], temp: Tensor) -> str:
+def _choose_path(directions: list[Direction], temp: Tensor, *, log: bool = True) -> str:
     tensors = [t for d in directions for t in d]
     if torch.is_grad_enabled() and any(t.requires_grad for d in directions for t in d[1:]):
         return "reference"  # a gradient to the momentum side is outside the fused identity
-    if use_triton("itc_loss", *tensors, temp) and _triton_fits(directions, temp):
+    decide = use_triton if log else _dispatch.enabled
+    triton_ok = decide("itc_loss", *tensors, temp)
+    if triton_ok and _triton_fits(directions, temp):
         return "triton"
     q, queue = directions[0][0], directions[0][3]
     B, Q = q.shape[0], queue.shape[0]
-    if _kernels_enabled("itc_loss") and B * (B + Q) >= STREAMING_MIN_LOGITS:
+    if _dispatch.enabled("itc_loss") and B * (B + Q) >= STREAMING_MIN_LOGITS:
         return "streaming"
     return "reference"
 
 
 def _as_tensor(temp: Tensor | float, like: Tensor) -> Tensor:
     return temp if isinstance(temp, Tensor) else torch.tensor(float(temp), device=like.device)
+
+
+def _bidirectional(
+    image_feat: Tensor, image_feat_m: Tensor, text_feat: Tensor, text_feat_m: Tensor,
+    image_queue: Tensor, text_queue: Tensor,
+) -> list[Direction]:
+    return [(image_feat, image_feat_m, text_feat_m, text_queue),
+            (text_feat, text_feat_m, image_feat_m, image_queue)]
+
+
+def itc_loss_path(
+    image_feat: Tensor, image_feat_m: Tensor, text_feat: Tensor, text_feat_m: Tensor,
+    image_queue: Tensor, text_queue: Tensor, temp: Tensor | float,
+) -> str:
+    """"triton", "streaming" or "reference": the path `itc_loss_bidirectional` takes on these inputs
+    now (backend, kernels.disable, device, the kernel's envelope, the shape, grad mode). Logs nothing."""
+    directions = _bidirectional(image_feat, image_feat_m, text_feat, text_feat_m, image_queue, text_queue)
+    _validate(directions)
+    return _choose_path(directions, _as_tensor(temp, image_feat), log=False)
 
 
 def itc_loss(
@@ -526,7 +689,7 @@ def itc_loss(
     path = _choose_path(directions, temp)
     if path == "reference":
         return itc_loss_reference(q, q_m, keys_m, queue, temp, alpha)
-    loss, sim = ITCLossFunction.apply(temp, alpha, path, q, q_m, keys_m, queue)
+    loss, sim = itc_loss_fused(directions, temp, alpha, path)
     return loss[0], sim[0]
 
 
@@ -546,13 +709,11 @@ def itc_loss_bidirectional(
         loss: (2,) [image->text, text->image] mean losses; ALBEF's ITC loss is loss.mean().
         sim: (2, B, B) detached in-batch logits [sim_i2t, sim_t2i] (row = query, column = key).
     """
-    directions = [(image_feat, image_feat_m, text_feat_m, text_queue),
-                  (text_feat, text_feat_m, image_feat_m, image_queue)]
+    directions = _bidirectional(image_feat, image_feat_m, text_feat, text_feat_m, image_queue, text_queue)
     _validate(directions)
     temp = _as_tensor(temp, image_feat)
     path = _choose_path(directions, temp)
     if path == "reference":
         out = [itc_loss_reference(*d, temp, alpha) for d in directions]
         return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
-    args = [t for d in directions for t in d]
-    return ITCLossFunction.apply(temp, alpha, path, *args)
+    return itc_loss_fused(directions, temp, alpha, path)

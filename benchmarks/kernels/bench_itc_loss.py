@@ -34,9 +34,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from albef_kernels import itc_loss_bidirectional, itc_loss_reference  # noqa: E402
+from albef_kernels import itc_loss_bidirectional, itc_loss_path, itc_loss_reference  # noqa: E402
 from albef_kernels._dispatch import use_backend  # noqa: E402
-from albef_kernels.itc_loss import ITCLossFunction  # noqa: E402
+from albef_kernels.itc_loss import itc_loss_fused  # noqa: E402
 from benchmarks._harness import (  # noqa: E402
     Row, append_rows, cpu_peak_rss_mib, device_name, peak_memory_mib, time_fn,
 )
@@ -74,8 +74,9 @@ def fused_both(image_feat, image_feat_m, text_feat, text_feat_m, image_queue, te
 
 
 def streaming_both(image_feat, image_feat_m, text_feat, text_feat_m, image_queue, text_queue, temp):
-    loss, _ = ITCLossFunction.apply(temp, ALPHA, "streaming", image_feat, image_feat_m, text_feat_m,
-                                    text_queue, text_feat, text_feat_m, image_feat_m, image_queue)
+    directions = [(image_feat, image_feat_m, text_feat_m, text_queue),
+                  (text_feat, text_feat_m, image_feat_m, image_queue)]
+    loss, _ = itc_loss_fused(directions, temp, ALPHA, "streaming")
     return loss.mean()
 
 
@@ -116,6 +117,12 @@ def gpu_rows(args) -> list[Row]:
             for S in args.splits:
                 split_fns[f"triton_s{S}"] = S
             config = f"Q={args.queue},D={args.dim},features=fp32,queue={qname},alpha={ALPHA}"
+            with use_backend("triton"):  # the triton provider must time the kernel, not a fallback
+                names = ("image_feat", "image_feat_m", "text_feat", "text_feat_m", "image_queue", "text_queue",
+                         "temp")
+                path = itc_loss_path(*(inputs[k] for k in names))
+            if path != "triton":
+                raise SystemExit(f"B={B} queue={qname}: itc_loss would take the {path} path, not the kernel")
             grads = [inputs["image_feat"], inputs["text_feat"], inputs["temp"]]
             for name, target in [*providers.items(), *split_fns.items()]:
                 if isinstance(target, int):  # forced split count: patch the heuristic for this run

@@ -115,3 +115,49 @@ def test_public_entry_validates_and_dispatches():
     # CPU tensors under the default backend take the reference, also for a stack
     idx, valid = sample_hard_negatives(torch.randn(2, 4, 4), generator=torch.Generator().manual_seed(0))
     assert idx.shape == (2, 4) and valid.all() and (idx != torch.arange(4)).all()
+
+
+def test_seed_from_a_device_tensor_equals_the_int_seed():
+    """The key read by the kernel from a (1,) int64 tensor (CUDA graphs, torch.compile) draws exactly
+    what the same key passed as an int does; a malformed key tensor is refused by name."""
+    sim = torch.randn(2, 9, 9, generator=torch.Generator().manual_seed(3))
+    for seed in (0, 12345, 2**31 - 2):
+        a = sample_hard_negatives_forward(sim, seed)
+        b = sample_hard_negatives_forward(sim, torch.tensor([seed]))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match=r"seed tensor must be \(1,\) int64"):
+        sample_hard_negatives_forward(sim, torch.tensor([1], dtype=torch.int32))
+
+
+def test_op_registration_opcheck():
+    sim = torch.randn(2, 7, 7, generator=torch.Generator().manual_seed(4))
+    result = torch.library.opcheck(torch.ops.albef_kernels.sample_hard_negatives.default,
+                                   (sim, torch.tensor([77])))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("backend, op_in_graph", [("triton", True), ("auto", False)])
+def test_torch_compile_fullgraph(backend, op_in_graph):
+    """torch.compile(fullgraph=True) of the sampler: no graph break (the host seed draw of the eager
+    Triton path would break it; compiled, the key is drawn on the device inside the graph), the fused
+    path is one node, and the draws keep the sampler's contract (never the positive, valid rows)."""
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    def draw(sim):
+        with use_backend(backend):
+            return sample_hard_negatives(sim)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(draw, fullgraph=True, backend=recording)
+    sim = torch.randn(2, 12, 12, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    first = compiled(sim)
+    second = compiled(sim)
+    assert len(graphs) == 1 and ("albef_kernels.sample_hard_negatives" in graphs[0]) == op_in_graph
+    for index, valid in (first, second):
+        assert index.shape == (2, 12) and valid.all() and (index != torch.arange(12)).all()
+    assert not torch.equal(first[0], second[0])  # each call draws a fresh key (2 x 12 draws of 11)

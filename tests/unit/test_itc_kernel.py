@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from albef_kernels import _dispatch, itc_loss, itc_loss_bidirectional, itc_loss_reference
 from albef_kernels._dispatch import use_backend
-from albef_kernels.itc_loss import ITCLossFunction, itc_loss_forward, itc_loss_streaming_forward
+from albef_kernels.itc_loss import itc_loss_forward, itc_loss_fused, itc_loss_streaming_forward
 
 itc_module = importlib.import_module("albef_kernels.itc_loss")  # the package's `itc_loss` is the function
 
@@ -160,8 +160,8 @@ def test_streaming_matches_reference_float64(B, Q, D, alpha):
     itc_module_chunk = itc_module.STREAMING_CHUNK
     try:
         itc_module.STREAMING_CHUNK = 8  # several chunks at this size
-        loss, sim = ITCLossFunction.apply(t, alpha, "streaming", img, img_m, txt_m, txt_q,
-                                          txt, txt_m, img_m, img_q)
+        loss, sim = itc_loss_fused([(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)], t, alpha,
+                                   "streaming")
     finally:
         itc_module.STREAMING_CHUNK = itc_module_chunk
     (weights * loss).sum().backward()
@@ -179,8 +179,8 @@ def test_streaming_gradcheck():
     t = torch.tensor(0.2, dtype=torch.float64)
 
     def f(img, txt):
-        args = (img, img_m, txt_m, txt_q, txt, txt_m, img_m, img_q)
-        return ITCLossFunction.apply(t, 0.4, "streaming", *args)[0]
+        directions = [(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)]
+        return itc_loss_fused(directions, t, 0.4, "streaming")[0]
 
     assert torch.autograd.gradcheck(f, (img, txt))
 
@@ -190,10 +190,12 @@ def test_streaming_gradcheck():
 
 def _path_of(monkeypatch, inputs, temp=torch.tensor(0.07)):
     seen = []
-    real = itc_module.ITCLossFunction.apply
-    monkeypatch.setattr(itc_module.ITCLossFunction, "apply", lambda *a: (seen.append(a[2]), real(*a))[1])
+    real = itc_module.itc_loss_fused
+    monkeypatch.setattr(itc_module, "itc_loss_fused", lambda *a: (seen.append(a[3]), real(*a))[1])
     itc_loss_bidirectional(*inputs, temp, 0.4)
-    return seen[0] if seen else "reference"
+    path = seen[0] if seen else "reference"
+    assert itc_module.itc_loss_path(*inputs, temp) == path  # the public query agrees with the call
+    return path
 
 
 def test_dispatch_rules(monkeypatch):
@@ -245,3 +247,234 @@ def test_validation_names_the_shapes():
         itc_loss_bidirectional(img, img_m, txt, txt_m, img_q, txt_q[:, :7], torch.tensor(0.1), 0.4)
     with pytest.raises(ValueError, match="B >= 1"):
         itc_loss(img[:0], img_m[:0], txt_m[:0], txt_q, torch.tensor(0.1), 0.4)
+
+
+# --- the registered op: torch.compile traces through it -----------------------------------------------
+
+
+def test_poisoned_allocations(monkeypatch):
+    """Every buffer the launcher allocates starts as garbage (NaN floats, int counters at 7): the
+    results still match the reference, so no kernel reads memory it has not written, and the combine
+    kernel's counters are zeroed by the forward kernel, not by luck of a fresh allocation."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(7) if not out.is_floating_point() else out.fill_(float("nan"))
+
+    inputs = make_inputs(6, 50, 24, seed=12)
+    weights = torch.tensor([0.4, 0.8])
+    ref = reference_both(inputs, torch.tensor(0.07), 0.4, weights)
+    monkeypatch.setattr(itc_module.torch, "empty", poisoned)
+    out = fused_both(inputs, torch.tensor(0.07), 0.4, weights)
+    monkeypatch.undo()
+    assert_all_close(out, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_repeated_calls_are_identical():
+    """The combine kernel's arrival counters are zeroed by the forward kernel of the same call: a second
+    call on the same inputs gives bit-identical results (nothing carried over between calls)."""
+    inputs = make_inputs(9, 40, 16, seed=4)
+    weights = torch.tensor([1.0, 1.0])
+    first = fused_both(inputs, torch.tensor(0.07), 0.4, weights)
+    second = fused_both(inputs, torch.tensor(0.07), 0.4, weights)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["triton", "streaming"])
+def test_op_registration_opcheck(path):
+    """torch.library's own checks of the op: schema, fake (meta) implementation, autograd registration."""
+    img, img_m, txt, txt_m, img_q, txt_q = make_inputs(4, 19, 8, seed=6)
+    args = (img.requires_grad_(), img_m, txt_m, txt_q, txt.requires_grad_(), txt_m, img_m, img_q,
+            torch.tensor(0.07, requires_grad=True), 0.4, 2, path)
+    with use_backend("triton"):
+        result = torch.library.opcheck(torch.ops.albef_kernels.itc_loss.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def _compile_matches_eager(backend, compiler, monkeypatch, expected_path, streaming_min=None):
+    if streaming_min is not None:
+        monkeypatch.setattr(itc_module, "STREAMING_MIN_LOGITS", streaming_min)
+    img, img_m, txt, txt_m, img_q, txt_q = make_inputs(5, 37, 24, seed=8)
+
+    def step(img, txt, temp):
+        with use_backend(backend):
+            loss, sim = itc_loss_bidirectional(img, img_m, txt, txt_m, img_q, txt_q, temp, 0.4)
+        return loss.mean(), sim
+
+    def run(fn):
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        t = torch.tensor(0.07, requires_grad=True)
+        loss, sim = fn(a, b, t)
+        loss.backward()
+        return loss.detach(), sim, a.grad, b.grad, t.grad
+
+    with use_backend(backend):
+        assert itc_module.itc_loss_path(img, img_m, txt, txt_m, img_q, txt_q, 0.07) == expected_path
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording(gm, example_inputs):  # the graph Dynamo captured, then the backend under test
+        graphs.append(gm.code)
+        return torch._dynamo.lookup_backend(compiler)(gm, example_inputs)
+
+    # fullgraph=True: any graph break is an error
+    compiled = run(torch.compile(step, fullgraph=True, backend=recording))
+    assert len(graphs) == 1
+    # the fused paths are one node of the graph: the op registered with torch.library
+    assert ("albef_kernels.itc_loss" in graphs[0]) == (expected_path != "reference"), graphs[0]
+    eager = run(step)
+    for name, a, b in zip(NAMES, compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend, expected, streaming_min", [
+    ("auto", "reference", None),  # CPU default: the plain PyTorch reference
+    ("auto", "streaming", 16),  # CPU, large shapes: the streaming path through the registered op
+    ("triton", "triton", None),  # the Triton kernel (interpreter) through the registered op
+])
+def test_torch_compile_fullgraph_matches_eager(backend, expected, streaming_min, monkeypatch):
+    """torch.compile(fullgraph=True) of the loss + backward on the CPU: no graph break on any path, and
+    the loss, in-batch block and every gradient equal the eager call's. (aot_eager: the fake
+    implementation and the registered backward are what AOT autograd traces; inductor below.)"""
+    _compile_matches_eager(backend, "aot_eager", monkeypatch, expected, streaming_min)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, expected", [("auto", "reference"), ("triton", "triton")])
+def test_torch_compile_inductor_matches_eager(backend, expected, monkeypatch):
+    """The same with the default inductor backend (C++ code generation on the CPU: ~15-30 s each)."""
+    _compile_matches_eager(backend, "inductor", monkeypatch, expected)
+
+
+def test_enabled_says_which_path():
+    """albef_kernels.enabled(op, *tensors): the dispatch decision, without running the op."""
+    from albef_kernels import enabled
+
+    x = torch.randn(3)
+    assert not enabled("itc_loss", x)  # auto never sends CPU tensors to the interpreter
+    assert enabled("itc_loss")  # no tensors: switched on (CUDA tensors would take Triton)
+    with use_backend("triton"):
+        assert enabled("itc_loss", x)  # forced, under the interpreter
+    with use_backend("torch"):
+        assert not enabled("itc_loss")
+    try:
+        _dispatch.configure("auto", disable=["mlm_loss"])
+        assert not enabled("mlm_loss") and enabled("itc_loss")
+    finally:
+        _dispatch.configure("auto")
+    with pytest.raises(ValueError, match="unknown kernel op 'itc'"):
+        enabled("itc")
+
+
+def test_launch_count(monkeypatch):
+    """What a GPU call costs in launches (each torch op is one; the host's overhead grows with them):
+    the forward is the two Triton kernels and six allocations, the backward two elementwise ops (the
+    dot for temp, one product for both queries), no zero-filled gradient for the in-batch block."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    launches = []
+
+    class Stub:  # stands for a Triton kernel: records the launch, computes nothing
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(self.name)
+
+    views = {"view.default", "select.int", "unsqueeze.default", "expand.default", "detach.default"}
+    img, img_m, txt, txt_m, img_q, txt_q = make_inputs(5, 40, 16)
+    dirs = [(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)]
+    monkeypatch.setattr(itc_module, "_itc_loss_fwd_kernel", Stub("forward"))
+    monkeypatch.setattr(itc_module, "_itc_loss_combine_kernel", Stub("combine"))
+    temp = torch.tensor(0.07)
+    with Record() as inside:
+        itc_module._triton_forward(dirs, temp, 0.4)
+    assert launches == ["forward", "combine"]
+    assert {op for op in inside.ops if op not in views} == {"empty.memory_format"}, inside.ops
+
+    img.requires_grad_(), txt.requires_grad_(), temp.requires_grad_()
+    upstream = torch.tensor([0.5, 0.5])
+    with Record() as whole, use_backend("triton"):
+        loss, _ = itc_loss_bidirectional(img, img_m, txt, txt_m, img_q, txt_q, temp, 0.4)
+        loss.backward(upstream)
+    launched = [op for op in whole.ops if op not in views]
+    assert launched == ["empty.memory_format"] * 6 + ["dot.default", "mul.Tensor"], launched
+
+
+def test_fp32_config_pruning():
+    """fp32 queues at D = 256 keep only the configs whose shared memory fits sm_90 (measured offline by
+    benchmarks/kernels/sm90_resources.py); 16-bit queues and narrower D keep them all."""
+    configs = itc_module._FWD_CONFIGS
+    kept = itc_module._prune_configs(configs, {}, D=256, BLOCK_D=256, LOWP_DOT=False)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept} == \
+        itc_module._FP32_D256_FITS
+    assert itc_module._prune_configs(configs, {}, D=256, BLOCK_D=256, LOWP_DOT=True) == configs
+    assert itc_module._prune_configs(configs, {}, D=64, BLOCK_D=64, LOWP_DOT=False) == configs
+
+
+_SM90_SCRIPT = r"""
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+target = GPUTarget("cuda", 90, 32)
+
+
+def build(fn, types, consts, **options):
+    fn = fn.fn if isinstance(fn, triton.runtime.Autotuner) else fn  # the forward is autotuned
+    signature = {n: types.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+    signature.update({k: "constexpr" for k in consts})
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=target, options=options)
+
+
+itc = importlib.import_module("albef_kernels.itc_loss")
+hn = importlib.import_module("albef_kernels.hard_negatives")
+for qtype, lowp, prec, (bm, bn, warps, stages) in (("*bf16", True, "tf32", (128, 64, 8, 2)),
+                                                    ("*fp32", False, "tf32x3", (64, 32, 4, 2))):
+    k = build(itc._itc_loss_fwd_kernel, {"QU0_ptr": qtype, "QU1_ptr": qtype, "Count_ptr": "*i32"},
+              dict(D=256, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=256, LOWP_DOT=lowp, PRECISION=prec),
+              num_warps=warps, num_stages=stages)
+    print("forward", qtype, k.metadata.shared)
+k = build(itc._itc_loss_combine_kernel, {"Count_ptr": "*i32", "alpha": "fp32"},
+          dict(D=256, BLOCK_S=16, BLOCK_D=256, BLOCK_B=64), num_warps=4)
+ptx = k.asm["ptx"]
+print("combine", k.metadata.shared, "atom.global.gpu.acq_rel.add" in ptx, "ld.volatile.global" in ptx)
+for from_ptr in (False, True):
+    build(hn._hard_negatives_kernel, {"Index_ptr": "*i64", "Valid_ptr": "*i1", "Seed_ptr": "*i64"},
+          dict(BLOCK_R=64, BLOCK_B=64, SEED_FROM_PTR=from_ptr), num_warps=4)
+    print("sampler", from_ptr)
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter never runs Triton's compiler: compile the ITC forward (a bf16 and an fp32 config
+    at D = 256), the combine kernel and both seed modes of the sampler for an H100 (sm_90, no GPU
+    needed); the forward fits in shared memory, and the combine's last-arriver reduction compiles to an
+    acq_rel GPU-scope atomic and volatile loads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], check=False, env=env, capture_output=True,
+                         text=True, timeout=300)
+    if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr.lower():
+        pytest.skip("Triton's bundled ptxas is missing")
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split() for line in run.stdout.strip().splitlines()]
+    assert [line[0] for line in lines] == ["forward", "forward", "combine", "sampler", "sampler"], run.stdout
+    assert all(int(line[2]) <= 232_448 for line in lines[:2]), run.stdout  # sm_90's shared memory per block
+    assert lines[2][2:] == ["True", "True"], run.stdout
