@@ -126,8 +126,8 @@ def _account(rank: int, world: int, port: int, strategy: str, preset: str, resul
     master = 0
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
         master += _bytes(getattr(opt, name, None) or [])
-    psi = sum(p.numel() for p in task.model.parameters())
-    psi_m = sum(p.numel() for p in task.model_m.parameters())
+    psi = sum(getattr(p, "ds_numel", p.numel()) for p in task.model.parameters())  # ZeRO-3: full sizes
+    psi_m = sum(getattr(p, "ds_numel", p.numel()) for p in task.model_m.parameters())
     Path(result_dir, f"{strategy}-{rank}.json").write_text(json.dumps(
         {"params": params, "master": master, "states": states, "grads": grads, "psi": psi, "psi_m": psi_m}))
     import torch.distributed as dist

@@ -16,7 +16,7 @@ run_part() {  # name, seconds, script
 # parts: name limit script; `bash benchmarks/gpu_all.sh [name ...]` runs the named ones (default: all)
 PARTS=(
   "train_step 90 benchmarks/gpu_run.sh"
-  "itc 140 benchmarks/kernels/gpu_itc.sh"
+  "itc 160 benchmarks/kernels/gpu_itc.sh"
   "ema_mlm 100 benchmarks/kernels/gpu_ema_mlm.sh"
   "attention 120 benchmarks/gpu_attention.sh"
   "parity 80 benchmarks/gpu_parity.sh"

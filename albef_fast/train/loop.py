@@ -236,7 +236,7 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
                 break
         save()
     except RuntimeError as exc:
-        if not env.is_distributed:
+        if not (env.is_distributed and _is_collective_failure(exc)):
             raise
         raise DistributedRunError(
             f"rank {env.rank} of {env.world_size} stopped at step {pos.step}: {exc}. A collective failure usually "
@@ -258,6 +258,17 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
 
 class DistributedRunError(RuntimeError):
     """A distributed run stopped because a collective failed (a rank died or timed out)."""
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    """torch raises DistError subclasses for most backend failures; gloo's transport errors arrive as a
+    plain RuntimeError that names gloo."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in ("gloo", "nccl", "connection reset", "connection closed", "timed out"))
 
 
 def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
