@@ -19,6 +19,11 @@ directions are derived from it:
     model_m.<module>.*  (momentum twin)                <albef module>_m.*
     queues.image / queues.text (Q, D), queues.ptr ()   image_queue / text_queue (D, Q), queue_ptr (1,)
 
+Our own training checkpoints (`checkpoint-latest.pt` of `albef-fast pretrain`, albef_fast/train/
+checkpoint.py) are read by `load_training_checkpoint` into a PretrainTask (weights, momentum model,
+queues; the optimizer/RNG/position run state is not weights and is not converted), from which every
+export below applies.
+
 Layouts: "pretrain" (ALBEF.pth, 844 keys at full size, `bert.` + `cls.`), "retrieval" (mscoco.pth
 etc.: no `bert.`, no MLM head, an idx_queue), "hf_bert" (transformers' BertForMaskedLM state_dict:
 `bert.` + `cls.`, text weights only). Flavour "lavis": LAVIS's ALBEF has no token-type embedding
@@ -429,6 +434,10 @@ def save_pretrained(module: nn.Module, folder: str | Path) -> Path:
     is_task = isinstance(module, PretrainTask)
     model = module.model if is_task else module
     folder = Path(folder)
+    if (folder / CONFIG_FILE).is_file() and not _is_weights_folder(folder):
+        # e.g. a training run's folder: its config.json is the run's config, not to be overwritten
+        raise WeightsError(f"{folder / CONFIG_FILE} exists and is not a weights config ({FORMAT}): "
+                           "choose another output folder")
     folder.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "architecture": "ALBEF", "model": asdict(model.config),
               "queue_size": module.queues.size if is_task else None,
@@ -454,15 +463,85 @@ def load_pretrained(folder: str | Path) -> nn.Module:
     module: nn.Module = model
     if config.get("queue_size"):
         module = PretrainTask(model, queue_size=config["queue_size"], momentum=config["momentum"])
-    sd = read_state_dict(folder / WEIGHTS_FILE)
+    _load_exact(module, read_state_dict(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
+    return module
+
+
+def _load_exact(module: nn.Module, sd: Mapping[str, Tensor], source: Path) -> None:
+    """Load a state_dict in our own names that must cover `module` exactly (the tied decoder alias may
+    be absent); any missing or unexpected key, or a shape mismatch, is a WeightsError naming it."""
     target = module.state_dict()
     missing = [k for k in target if k not in sd and not k.endswith(TIED)]
     unexpected = [k for k in sd if k not in target]
     if missing or unexpected:
-        raise WeightsError(f"{folder}: missing {missing}, unexpected {unexpected}")
+        raise WeightsError(f"{source}: missing {missing}, unexpected {unexpected}")
     for k, v in sd.items():
         if v.shape != target[k].shape:
-            raise WeightsError(f"shape mismatch: {folder / WEIGHTS_FILE} {k} {tuple(v.shape)} vs model "
-                               f"{tuple(target[k].shape)}")
+            raise WeightsError(f"shape mismatch: {source} {k} {tuple(v.shape)} vs model {tuple(target[k].shape)}")
     module.load_state_dict(sd, strict=False)
-    return module
+
+
+# --- our own training checkpoints ------------------------------------------------------------------
+def is_training_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint written by `albef-fast pretrain` (albef_fast/train/checkpoint.py)
+    or a run folder holding one. A file is opened memory-mapped, so asking costs no full read."""
+    from albef_fast.train.checkpoint import FORMAT as TRAIN_FORMAT
+    from albef_fast.train.checkpoint import LATEST
+
+    path = Path(path)
+    if path.is_dir():
+        return (path / LATEST).is_file()
+    if not path.is_file() or path.suffix == ".safetensors":
+        return False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch zip archive, or unreadable: read_state_dict reports it
+        return False
+    return isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT
+
+
+def _is_weights_folder(folder: Path) -> bool:
+    """A folder written by `save_pretrained` (a run folder also holds a config.json: the run's config)."""
+    try:
+        return json.loads((folder / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def load_training_checkpoint(path: str | Path) -> nn.Module:
+    """A checkpoint of our own training runs as a PretrainTask, for export (`albef-fast convert`).
+
+    Args:
+        path: `checkpoint-latest.pt` written by `albef-fast pretrain` (albef_fast/train/checkpoint.py,
+            read with its `read_checkpoint`: weights_only=True, format checked), or the run folder.
+    Returns:
+        PretrainTask built from the run's own config (model preset and image size, loss.queue_size,
+        loss.momentum), holding the checkpoint's online model, momentum model, queues and pointer.
+        The optimizer state, RNG states and run position are run state, not weights: not converted.
+    Raises:
+        WeightsError: unreadable file, another format, a config that does not parse, or task weights
+        that do not fit that config (missing/unexpected keys or shapes, named).
+    """
+    from albef_fast.config import from_dict
+    from albef_fast.models.presets import get_preset
+    from albef_fast.task import PretrainTask
+    from albef_fast.train.checkpoint import LATEST, CheckpointError, read_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / LATEST
+    try:
+        state = read_checkpoint(path)
+    except CheckpointError as exc:
+        raise WeightsError(str(exc)) from exc
+    try:
+        cfg = from_dict(state["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path}: the run config stored in the checkpoint cannot be read: {exc}") from exc
+    overrides = {"image_size": cfg.model.image_size} if cfg.model.image_size else {}
+    task = PretrainTask(ALBEF(get_preset(cfg.model.preset, **overrides)), queue_size=cfg.loss.queue_size,
+                        momentum=cfg.loss.momentum)
+    if not isinstance(state.get("task"), dict):
+        raise WeightsError(f"{path}: no task state_dict in the checkpoint")
+    _load_exact(task, state["task"], path)
+    return task

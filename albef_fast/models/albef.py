@@ -44,16 +44,19 @@ class ALBEF(nn.Module):
         return encode_image(self.visual_encoder, image)
 
     def image_feature(self, image_embeds: Tensor) -> Tensor:
-        """(B, 1 + P, vision_width) -> (B, embed_dim) fp32, L2-normalised projection of [CLS]."""
-        return F.normalize(self.vision_proj(image_embeds[:, 0]).float(), dim=-1)
+        """(B, 1 + P, vision_width) -> (B, embed_dim) L2-normalised projection of [CLS], in fp32 (fp64 for an
+        fp64 model: the parity harness's oracle)."""
+        feat = self.vision_proj(image_embeds[:, 0])
+        return F.normalize(feat.to(torch.promote_types(feat.dtype, torch.float32)), dim=-1)
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> Tensor:
         """ids, mask: (B, L) int64 -> (B, L, hidden): layers [0, text_layers), no image."""
         return self.text_encoder(ids, mask)
 
     def text_feature(self, text_embeds: Tensor) -> Tensor:
-        """(B, L, hidden) -> (B, embed_dim) fp32, L2-normalised projection of [CLS]."""
-        return F.normalize(self.text_proj(text_embeds[:, 0]).float(), dim=-1)
+        """(B, L, hidden) -> (B, embed_dim) L2-normalised projection of [CLS], fp32 (fp64 for an fp64 model)."""
+        feat = self.text_proj(text_embeds[:, 0])
+        return F.normalize(feat.to(torch.promote_types(feat.dtype, torch.float32)), dim=-1)
 
     # --- multimodal ------------------------------------------------------------------------------
     def image_kv(self, image_embeds: Tensor) -> list[Tensor]:

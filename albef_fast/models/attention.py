@@ -156,7 +156,7 @@ def attention_math(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = No
     scores = (qt @ kt.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, Lq, Lk)
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p)
     return (probs @ vt).transpose(1, 2)  # (B, Lq, H, Dh)

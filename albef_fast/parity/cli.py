@@ -3,6 +3,7 @@
     albef-fast convert --output runs/albef14m --checkpoint ALBEF.pth                  # -> safetensors folder
     albef-fast convert --output init --bert bert.safetensors --vit deit_base.pth      # BERT + DeiT init
     albef-fast convert --output ALBEF_lavis.pth --checkpoint runs/albef14m --to lavis # our folder -> LAVIS layout
+    albef-fast convert --output ALBEF_demo.pth --checkpoint runs/demo --to albef       # our training run -> ALBEF
     albef-fast parity --preset tiny --reference lavis                                 # table, exit 1 on failure
 
 Imports stay inside the handlers: building the parser must not import torch.
@@ -18,11 +19,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("convert", help="convert ALBEF / BERT / DeiT weights to and from our safetensors folder")
     c.add_argument("--output", required=True, help="folder (--to albef-fast) or .pth/.safetensors file")
     c.add_argument("--checkpoint", help="ALBEF checkpoint (.pth/.safetensors; pretrain, retrieval or LAVIS "
-                                        "layout) or a folder written by this command")
+                                        "layout), a folder written by this command, or a training checkpoint "
+                                        "of `albef-fast pretrain` (checkpoint-latest.pt or its run folder)")
     c.add_argument("--bert", help="transformers BertForMaskedLM weights (bert-base-uncased) for the text side")
     c.add_argument("--vit", help="DeiT / timm ViT-B/16 weights for the vision encoder")
     c.add_argument("--to", default="albef-fast", choices=["albef-fast", "albef", "albef-retrieval", "lavis"])
-    c.add_argument("--preset", default="albef_base", help="model preset of the target (default albef_base)")
+    c.add_argument("--preset", default=None, help="model preset of the target (default albef_base); not with "
+                                                 "a folder or training checkpoint, which carry their own")
     c.add_argument("--image-size", type=int, default=None, help="target resolution; pos_embed is interpolated")
     c.add_argument("--queue-size", type=int, default=None, help="default: the checkpoint's, else 65536")
     c.add_argument("--strict", action="store_true", help="fail on any missing or unexpected key")
@@ -59,7 +62,19 @@ def run_convert(args: argparse.Namespace) -> int:
 
     try:
         source = None
-        if args.checkpoint and (Path(args.checkpoint) / W.CONFIG_FILE).is_file():
+        ours = args.checkpoint and (W.is_training_checkpoint(args.checkpoint)
+                                    or (Path(args.checkpoint) / W.CONFIG_FILE).is_file())
+        if ours:
+            given = [f"--{n.replace('_', '-')}" for n in ("vit", "bert", "preset", "image_size", "queue_size")
+                     if getattr(args, n) is not None]
+            if given:
+                raise W.WeightsError(f"{', '.join(given)}: not with --checkpoint {args.checkpoint}, whose own "
+                                     "config defines the model (convert to an ALBEF layout first to change it)")
+        if ours and W.is_training_checkpoint(args.checkpoint):
+            task = W.load_training_checkpoint(args.checkpoint)
+            print(f"read training checkpoint {args.checkpoint} (queue {task.queues.size}; its optimizer state, "
+                  "RNG states and position are run state and are not converted)")
+        elif ours:
             task = W.load_pretrained(args.checkpoint)
             print(f"read {args.checkpoint} ({W.FORMAT})")
         else:
@@ -67,7 +82,7 @@ def run_convert(args: argparse.Namespace) -> int:
                 source = W.read_state_dict(args.checkpoint)
             overrides = {"image_size": args.image_size} if args.image_size else {}
             queue = args.queue_size or (source["image_queue"].shape[1] if source and "image_queue" in source else 65536)
-            task = PretrainTask(ALBEF(get_preset(args.preset, **overrides)), queue_size=queue)
+            task = PretrainTask(ALBEF(get_preset(args.preset or "albef_base", **overrides)), queue_size=queue)
             for label, path, loader in (("vit", args.vit, W.load_vit), ("bert", args.bert, W.load_hf_bert)):
                 if path:
                     report = loader(task.model, W.read_state_dict(path))

@@ -7,6 +7,13 @@ images and token ids, dropout off, the same MLM masks and the same hard-negative
 image and text features (online and momentum), ITM logits, the ITC / ITM / MLM losses, the gradient
 of every parameter, and the state after the step (EMA'd momentum weights, queues, pointer).
 
+Which of our paths runs. Against a reference implementation (LAVIS, original ALBEF) our side runs
+its PLAIN PYTORCH PATH: attention backend "math" (explicit scores + softmax, as the references
+compute it) and kernels backend "torch" (the PyTorch reference of every albef_kernels op). That path
+is the slow twin the project defines as its oracle; the fast paths (SDPA / torch_flash / flash_attn
+attention, Triton kernels) are judged against it by `parity_fast_paths` (`--reference fastpath`)
+under the low-precision 2x rule. The table header names the backends each side ran.
+
 Metric, per compared tensor: max abs diff = max|ours - ref|; max rel diff = max abs diff / max|ref|
 (the relative error in the max norm; plain relative error for scalars). fp32 passes at 1e-5.
 
@@ -15,8 +22,8 @@ the result; the gradient of the temperature is -(1/T) sum_ij (p_ij - t_ij) s_ij 
 logits, and at albef_base the fp32 rounding of the features (1e-7) moves it by a few 1e-5 on EITHER
 side, whichever is right. Such a tensor is not let through by a looser tolerance. Instead, when any
 tensor's fp32 difference exceeds 1e-5 (or always, with fp64_oracle="always"), both sides run the same
-step again in float64 (same weights, inputs, masks and negatives; our `.float()` casts keep fp64
-there, see `_float_keeps_float64`), and:
+step again in float64 (same weights, inputs, masks and negatives; our model's "at least fp32" casts
+keep an fp64 model in fp64), and:
 - a row "fp64: ours vs reference" compares every tensor of the two fp64 runs at 1e-10: there both
   implementations must compute the same function to ~1e-13, so a real difference fails it;
 - each tensor that failed in fp32 gets a row "<tensor> vs fp64 oracle": ours' fp32 error against
@@ -182,6 +189,18 @@ def injected_negatives(neg_image: Tensor, neg_text: Tensor) -> Iterator[None]:
         task_module.PretrainTask.hard_negatives = original
 
 
+@contextlib.contextmanager
+def plain_paths() -> Iterator[str]:
+    """Our plain PyTorch path, the project's oracle: attention backend "math" and kernels backend
+    "torch" inside the block. Yields what is in force, as the table header prints it (read back from
+    the two dispatchers, not restated)."""
+    from albef_fast.models import attention
+    from albef_kernels import _dispatch
+
+    with attention.use_backend("math"), _dispatch.use_backend("torch"):
+        yield f"attention={attention.backend()}, kernels={_dispatch.backend()}"
+
+
 def run_ours(case: Case, *, autocast: torch.dtype | None = None) -> dict[str, object]:
     """One step of our task on the case (EMA first, as the references do inside forward; enqueue
     after). Mutates case.task. Returns features, logits, losses, grads (our names) and state."""
@@ -216,24 +235,6 @@ def run_ours(case: Case, *, autocast: torch.dtype | None = None) -> dict[str, ob
     }
 
 
-@contextlib.contextmanager
-def _float_keeps_float64() -> Iterator[None]:
-    """Our model writes `.float()` where it means "at least fp32" (the projections before normalising,
-    the attention softmax, the ITM cross-entropy). For the fp64 oracle those casts must not round to
-    fp32: inside this block `x.float()` returns an fp64 `x` unchanged, as it returns an fp32 one. The
-    fp64 agreement row (1e-10) would catch any fp32 rounding left on either side."""
-    original = torch.Tensor.float
-
-    def at_least_fp32(self: Tensor, *args, **kwargs) -> Tensor:
-        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
-
-    torch.Tensor.float = at_least_fp32  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.float = original  # type: ignore[method-assign]
-
-
 def to_float64(case: Case) -> Case:
     """The case's model, momentum model, queues and images converted to fp64, in place (exactly:
     every fp32 value is an fp64 value)."""
@@ -243,10 +244,11 @@ def to_float64(case: Case) -> Case:
 
 
 def run_ours_fp64(case: Case) -> dict[str, object]:
-    """`run_ours` on a `to_float64` case, with our `.float()` casts keeping fp64. Mutates case."""
+    """`run_ours` on a `to_float64` case (on our plain path, see `plain_paths`); checks that every
+    result stayed fp64, i.e. that no cast in the model rounds to fp32. Mutates case."""
     if case.batch.image.dtype != torch.float64:
         raise ValueError(f"run_ours_fp64: convert the case with to_float64 first (images are {case.batch.image.dtype})")
-    with _float_keeps_float64():
+    with plain_paths():
         out = run_ours(case)
     bad = [n for n, g in out["grads"].items() if g.dtype != torch.float64]
     if bad or out["loss_itc"].dtype != torch.float64 or out["image_feat"].dtype != torch.float64:
@@ -453,13 +455,16 @@ def parity_vs_reference(preset: str = "tiny", reference: str = "lavis", *, albef
     }
     info = {"reference": reference, "preset": PRESET_ALIASES.get(preset, preset), "batch": B,
             "text_len": case.batch.text_ids.shape[1], "queue": task.queues.size}
+    reference_code = ("salesforce-lavis 1.0.2 modules" if reference == "lavis"
+                      else f"ALBEF checkout {albef_dir}")
     t0 = time.perf_counter()
     ref = run_reference(inputs, reference, albef_dir)
-    info["seconds_reference"] = time.perf_counter() - t0
+    info["seconds_reference"] = round(time.perf_counter() - t0, 2)
     del inputs["state_dict"]  # the fp64 run gets its own, converted from the fp64 model
     t0 = time.perf_counter()
-    ours = run_ours(case)
-    info["seconds_ours"] = time.perf_counter() - t0
+    with plain_paths() as ours_paths:
+        ours = run_ours(case)
+    info["seconds_ours"] = round(time.perf_counter() - t0, 2)
     pairs, coverage = _collect(ours, task, ref, flavour)
     per_tensor = {k: compare(k, p.ours, p.ref, scale=p.scale) for k, p in pairs.items()}
     layout = {k: replace(p, ours=torch.empty(0), ref=torch.empty(0), scale=None) for k, p in pairs.items()}
@@ -491,7 +496,7 @@ def parity_vs_reference(preset: str = "tiny", reference: str = "lavis", *, albef
         agree_row = Row(f"fp64: ours vs reference (all {len(agree)} tensors)", max(r.max_abs for r in agree),
                         worst.max_rel, FP64_RTOL, not bad,
                         f"worst {worst.quantity}" + (f"; FAILED: {', '.join(bad[:10])}" if bad else ""))
-        info["seconds_fp64_both"] = time.perf_counter() - t0
+        info["seconds_fp64_both"] = round(time.perf_counter() - t0, 2)
 
     rows = _table(per_tensor, layout, oracle, verbose)
     if agree_row is not None:
@@ -501,7 +506,9 @@ def parity_vs_reference(preset: str = "tiny", reference: str = "lavis", *, albef
     if zero_weight.numel():
         rows.append(Row("injected negatives", 0.0, 0.0, 0.0, False,
                         f"draws {zero_weight.tolist()} had zero probability in the reference"))
-    info |= {"reference_versions": versions, "compared_grads": sum(k.startswith("grad ") for k in layout)}
+    info |= {"reference_versions": versions, "compared_grads": sum(k.startswith("grad ") for k in layout),
+             "backends": f"ours {ours_paths} (plain PyTorch path); reference: its own code ({reference_code}, "
+                         "explicit-softmax attention)"}
     return rows, info
 
 
@@ -511,33 +518,44 @@ def parity_fast_paths(preset: str = "tiny", *, device: str = "cpu", dtype: torch
                       fast_context: Callable[[], contextlib.AbstractContextManager] | None = None,
                       factor: float = 2.0, floor: float = 1e-6, verbose: bool = False) -> tuple[list[Row], dict]:
     """Our task with the fast paths (`fast_backend` kernels, plus `fast_context`, e.g. an attention
-    backend switch) against the same task under `albef_kernels.use_backend("torch")`: losses and
-    every gradient. fp32: 1e-5 relative. Low precision (autocast to `dtype`): the fast path's error
-    against the fp32 torch oracle must be at most `factor` x the torch path's own error at the same
-    precision (+ `floor` x max|oracle|), the rule of the developers' brief."""
+    backend switch) against the same task on our plain PyTorch path (`plain_paths`: kernels "torch",
+    attention "math"): losses and every gradient; info["backends"] names what each side ran. fp32:
+    1e-5 relative. Low precision (autocast to `dtype`): the fast path's error against the fp32 plain
+    path must be at most `factor` x the plain path's own error at the same precision
+    (+ `floor` x max|oracle|), the rule of the developers' brief."""
+    from albef_fast.models import attention
     from albef_kernels import _dispatch
 
-    def run(backend: str, autocast: torch.dtype | None, ctx) -> dict:
+    in_force: dict[str, str] = {}
+
+    def run(side: str, autocast: torch.dtype | None) -> dict:
         case = make_case(preset, batch_size=batch_size, seed=seed)
         case.task.to(device)
         case.batch = case.batch.to(device)
-        with _dispatch.use_backend(backend), ctx():
+        if side == "fast":
+            ctx = contextlib.ExitStack()
+            ctx.enter_context(_dispatch.use_backend(fast_backend))
+            ctx.enter_context((fast_context or contextlib.nullcontext)())
+        else:
+            ctx = plain_paths()
+        with ctx:
+            probe = torch.empty(1, 1, 1, 8, device=device, dtype=autocast or torch.float32)
+            in_force.setdefault(side, f"attention={attention.backend()} (unmasked dense calls run "
+                                      f"{attention.resolve(probe, kind='dense')}), kernels={_dispatch.backend()}")
             out = run_ours(case, autocast=autocast)
         return {k: v for k, v in out.items() if k.startswith("loss")} | {f"grad {n}": g for n, g in out["grads"].items()}
 
     # fp32 means fp32: TF32 convolutions/matmuls (cuDNN's default for convs) would dominate the differences
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    none = contextlib.nullcontext
-    slow = _plain_attention
     low = dtype if dtype != torch.float32 else None
-    oracle = run("torch", None, slow)
-    fast = run(fast_backend, low, fast_context or none)
+    oracle = run("plain", None)
+    fast = run("fast", low)
     rows: list[Row] = []
     if low is None:
         for k in oracle:
             rows.append(compare(k, fast[k].cpu(), oracle[k].cpu()))
     else:
-        torch_low = run("torch", low, slow)
+        torch_low = run("plain", low)
         for k in oracle:
             ref = oracle[k].cpu().double()
             e_fast = (fast[k].cpu().double() - ref).abs().max().item()
@@ -545,29 +563,24 @@ def parity_fast_paths(preset: str = "tiny", *, device: str = "cpu", dtype: torch
             scale = ref.abs().max().item() or 1.0
             bound = factor * e_torch + floor * scale
             rows.append(Row(k, e_fast, e_fast / scale, bound / scale, e_fast <= bound, f"torch {dtype}: {e_torch:.2e}"))
+    info = {"device": device, "dtype": str(dtype), "fast_backend": fast_backend,
+            "preset": PRESET_ALIASES.get(preset, preset),
+            "backends": f"fast side {in_force['fast']}; slow side (oracle) {in_force['plain']}"}
     if verbose:
-        return rows, {"device": device, "dtype": str(dtype), "fast_backend": fast_backend}
+        return rows, info
     grad_rows = [r for r in rows if r.quantity.startswith("grad ")]
     summary = [r for r in rows if not r.quantity.startswith("grad ")]
     failed = [r.quantity for r in grad_rows if not r.passed]
     worst = max(grad_rows, key=lambda r: r.max_rel / r.tol if r.tol else r.max_rel)
     summary.append(Row(f"grad (all {len(grad_rows)} parameters)", max(r.max_abs for r in grad_rows), worst.max_rel,
                        worst.tol, not failed, f"worst {worst.quantity[5:]}" + (f"; FAILED: {failed}" if failed else "")))
-    info = {"device": device, "dtype": str(dtype), "fast_backend": fast_backend, "preset": PRESET_ALIASES.get(preset, preset)}
     return summary, info
 
 
-def _plain_attention() -> contextlib.AbstractContextManager:
-    """The attention module's explicit-math backend where one exists (the slow twin)."""
-    from albef_fast.models import attention
-
-    use = getattr(attention, "use_backend", None)
-    return use("math") if use is not None else contextlib.nullcontext()
-
-
 def main_table(rows: list[Row], info: dict) -> str:
-    head = ", ".join(f"{k}={v}" for k, v in info.items())
-    table = format_table(rows, title=f"parity: {head}\nmax rel diff = max|ours - ref| / max|ref| per tensor")
+    head = ", ".join(f"{k}={v}" for k, v in info.items() if k != "backends")
+    backends = f"\nbackends: {info['backends']}" if "backends" in info else ""
+    table = format_table(rows, title=f"parity: {head}{backends}\nmax rel diff = max|ours - ref| / max|ref| per tensor")
     if any(r.informational for r in rows):
         table += ("\ninfo: the fp32 difference of this row exceeds 1e-5 and it does not decide the result; its\n"
                   "  tensors are re-judged in the 'vs fp64 oracle' rows under it: both sides ran the step again in\n"

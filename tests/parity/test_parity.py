@@ -37,6 +37,9 @@ def test_tiny_step_matches_lavis():
     assert {"loss_itc", "loss_itm", "loss_mlm", "image_feat", "text_feat", "itm_logits",
             "after step: image_queue", "grad visual_encoder", "grad text_encoder fusion layers"} <= names
     assert info["compared_grads"] == 155  # every parameter of the tiny model, token-type table included
+    # against a reference implementation our side runs its plain PyTorch path, and the header says so
+    assert info["backends"].startswith("ours attention=math, kernels=torch"), info["backends"]
+    assert "backends: ours attention=math, kernels=torch" in harness.main_table(rows, info)
 
 
 def test_harness_detects_a_wrong_weight(monkeypatch):
@@ -77,11 +80,43 @@ def test_oracle_rule():
     assert not differ.passed and "differ" in differ.note
 
 
-def test_float_keeps_float64_is_scoped():
-    x64, x16 = torch.randn(3, dtype=torch.float64), torch.randn(3).half()
-    with harness._float_keeps_float64():
-        assert x64.float() is x64 and x16.float().dtype == torch.float32
-    assert x64.float().dtype == torch.float32
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_at_least_fp32_casts_keep_float64(dtype):
+    """The model's "at least fp32" casts (features, attention softmax, ITM cross-entropy): an fp64
+    input stays fp64 (what the fp64 oracle needs); bf16/fp32 come out in fp32 as before."""
+    from albef_fast.models.attention import attention_math
+    from albef_fast.task import itm_loss
+
+    g = torch.Generator().manual_seed(1)
+    want = torch.float32 if dtype != torch.float64 else torch.float64
+    model = harness.make_case("tiny", batch_size=2).task.model.to(dtype)
+    image_embeds = torch.randn(2, 5, model.config.vision_width, generator=g).to(dtype)
+    text_embeds = torch.randn(2, 4, model.config.hidden_size, generator=g).to(dtype)
+    assert model.image_feature(image_embeds).dtype == want and model.text_feature(text_embeds).dtype == want
+    q, k, v = (torch.randn(2, 3, 2, 4, generator=g).to(dtype) for _ in range(3))
+    probs_dtype = []
+    real_softmax = torch.softmax
+
+    def spy(x, *args, **kwargs):
+        probs_dtype.append(x.dtype)
+        return real_softmax(x, *args, **kwargs)
+
+    torch.softmax = spy
+    try:
+        out = attention_math(q, k, v)
+    finally:
+        torch.softmax = real_softmax
+    assert probs_dtype == [want] and out.dtype == dtype
+    logits = torch.randn(6, 2, generator=g).to(dtype)
+    assert itm_loss(logits, torch.tensor([1, 1, 0, 0, 0, 0]), torch.ones(6)).dtype == want
+
+
+def test_fp64_run_of_ours_stays_fp64():
+    """run_ours_fp64 checks that every gradient, loss and feature of our fp64 step is fp64 (no
+    workaround: the model itself keeps fp64), on the plain path."""
+    case = harness.to_float64(harness.make_case("tiny", batch_size=2))
+    out = harness.run_ours_fp64(case)
+    assert out["loss_itm"].dtype == torch.float64 and out["text_feat"].dtype == torch.float64
 
 
 @pytest.mark.skipif(not os.environ.get("ALBEF_REFERENCE_DIR"),
@@ -97,6 +132,8 @@ def test_fast_paths_match_plain_pytorch_on_cpu():
     """Default dispatch (kernels, SDPA attention) against use_backend("torch") + math attention."""
     rows, info = harness.parity_fast_paths("tiny", device="cpu")
     _assert_all_pass(rows, info)
+    assert "fast side attention=auto (unmasked dense calls run sdpa), kernels=auto" in info["backends"]
+    assert "slow side (oracle) attention=math (unmasked dense calls run math), kernels=torch" in info["backends"]
 
 
 @pytest.mark.gpu

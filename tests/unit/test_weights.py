@@ -269,3 +269,80 @@ def test_convert_command_round_trips_albef_layout(tmp_path, capsys):
     assert all(torch.equal(back[k], theirs[k]) for k in theirs)
     assert main(["convert", "--checkpoint", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _training_run(tmp_path, task):
+    """A run folder as `albef-fast pretrain` leaves it: checkpoint-latest.pt written by the training
+    code's own writer (optimizer state after one step, RNG, position, the run's config) and the run's
+    config.json beside it."""
+    import json
+
+    from albef_fast.config import from_dict, to_dict
+    from albef_fast.train.checkpoint import RunPosition, save_checkpoint
+
+    cfg = to_dict(from_dict({"model": {"preset": "albef_tiny"}, "loss": {"queue_size": task.queues.size,
+                                                                         "momentum": 0.99}}))
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-4)
+    for p in task.model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # moves the weights and fills the optimizer state that must not leak into exports
+    run = tmp_path / "run"
+    save_checkpoint(run, task, optimizer, RunPosition(step=7, epoch=1, batch=2), cfg)
+    (run / "config.json").write_text(json.dumps(cfg))
+    return run
+
+
+def test_training_checkpoint_converts_to_every_layout_and_back(tmp_path, capsys):
+    task = random_task()
+    run = _training_run(tmp_path, task)
+    assert W.is_training_checkpoint(run) and W.is_training_checkpoint(run / "checkpoint-latest.pt")
+    torch.save({"model": albef_writer(task)}, tmp_path / "ALBEF.pth")
+    assert not W.is_training_checkpoint(tmp_path / "ALBEF.pth") and not W.is_training_checkpoint(tmp_path)
+
+    loaded = W.load_training_checkpoint(run)
+    assert_same_state(loaded, task)
+    assert loaded.momentum == 0.99 and loaded.queues.size == 16
+
+    # -> our safetensors folder (from the run folder), the ALBEF pretraining layout (from the file)
+    assert main(["convert", "--checkpoint", str(run), "--output", str(tmp_path / "folder")]) == 0
+    assert "read training checkpoint" in capsys.readouterr().out
+    assert_same_state(W.load_pretrained(tmp_path / "folder"), task)
+    assert main(["convert", "--checkpoint", str(run / "checkpoint-latest.pt"), "--to", "albef",
+                 "--output", str(tmp_path / "ALBEF_out.pth")]) == 0
+    theirs, out = albef_writer(task), W.read_state_dict(tmp_path / "ALBEF_out.pth")
+    assert out.keys() == theirs.keys() and all(torch.equal(out[k], theirs[k]) for k in theirs)
+    # -> LAVIS and retrieval layouts
+    assert main(["convert", "--checkpoint", str(run), "--to", "lavis", "--output", str(tmp_path / "lavis.pth")]) == 0
+    lavis, theirs_lavis = W.read_state_dict(tmp_path / "lavis.pth"), albef_writer(task, lavis=True)
+    assert lavis.keys() == theirs_lavis.keys() and all(torch.equal(lavis[k], theirs_lavis[k]) for k in lavis)
+    assert main(["convert", "--checkpoint", str(run), "--to", "albef-retrieval",
+                 "--output", str(tmp_path / "retrieval.safetensors")]) == 0
+    retrieval = W.read_state_dict(tmp_path / "retrieval.safetensors")
+    assert "idx_queue" in retrieval and not any(".cls." in k or ".bert." in k for k in retrieval)
+    # and back: the ALBEF file into our folder gives the training checkpoint's task again
+    assert main(["convert", "--checkpoint", str(tmp_path / "ALBEF_out.pth"), "--preset", "albef_tiny", "--strict",
+                 "--output", str(tmp_path / "back")]) == 0
+    back = W.load_pretrained(tmp_path / "back")
+    assert_same_state(back, task)
+
+
+def test_training_checkpoint_errors_are_clear(tmp_path, capsys):
+    task = random_task()
+    run = _training_run(tmp_path, task)
+    # the checkpoint defines the model: a preset or queue size given beside it is an error
+    assert main(["convert", "--checkpoint", str(run), "--preset", "albef_base", "--output", str(tmp_path / "x")]) == 2
+    assert "--preset: not with --checkpoint" in capsys.readouterr().err
+    # exporting into the run folder would overwrite the run's config.json
+    with pytest.raises(W.WeightsError, match="config.json exists and is not a weights config"):
+        W.save_pretrained(task, run)
+    # task weights that do not fit the run's config: the key and both shapes
+    state = torch.load(run / "checkpoint-latest.pt", weights_only=True)
+    state["task"]["model.text_proj.weight"] = torch.zeros(32, 128)
+    torch.save(state, run / "checkpoint-latest.pt")
+    with pytest.raises(W.WeightsError, match=r"model.text_proj.weight \(32, 128\) vs model \(64, 128\)"):
+        W.load_training_checkpoint(run)
+    # a truncated checkpoint inside a run folder
+    data = (run / "checkpoint-latest.pt").read_bytes()
+    (run / "checkpoint-latest.pt").write_bytes(data[: len(data) // 3])
+    assert main(["convert", "--checkpoint", str(run), "--output", str(tmp_path / "y")]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
