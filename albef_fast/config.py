@@ -49,7 +49,7 @@ class DataConfig:
     eval_file: str | None = None
     """Optional retrieval JSON ({"image", "caption": [str, ...]}) for zero-shot retrieval before/after training."""
     cache_dir: str = "~/.cache/albef_fast"
-    """Where generated data (the scene dataset) is written."""
+    """Where generated data (the scene dataset) and the webdataset shard index cache (shard_index/) are written."""
     scenes_train: int = 6000
     scenes_eval: int = 300
     batch_size: int = 64

@@ -204,6 +204,7 @@ def gpu_step(args: argparse.Namespace) -> None:
 
     device = torch.device(args.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
     kernel_dispatch.configure("auto", [])
     attention_backend.configure("auto")

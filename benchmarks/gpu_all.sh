@@ -19,7 +19,8 @@ PARTS=(
   "itc 160 benchmarks/kernels/gpu_itc.sh"
   "ema_mlm 100 benchmarks/kernels/gpu_ema_mlm.sh"
   "attention 120 benchmarks/gpu_attention.sh"
-  "parity 80 benchmarks/gpu_parity.sh"
+  "parity 190 benchmarks/gpu_parity.sh"
+  "step 75 benchmarks/gpu_step.sh"
   "distributed 200 benchmarks/gpu_distributed.sh"
   "dali 60 benchmarks/gpu_data.sh"
 )
