@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # DALI on a GPU: the GPU-marked DALI tests and images/s of pil (baseline, same machine) and dali (GPU)
-# at 256 px with the pretraining augmentation. Needs nvidia-dali-cuda130 importable on the GPU machine:
-# the ~200 MB wheel could not be carried to the lent GPU so far (64 MiB per call), so this script exits
-# early with a message when it is missing instead of reporting anything (after the tests that need no DALI).
+# at 256 px with the pretraining augmentation. Needs nvidia-dali-cuda130 importable on the GPU machine
+# (PYTHONPATH is kept by gpu_env.sh). Its wheels (~260 MB with dependencies) exceed the 64 MiB a device call
+# carries: in session 2 they travelled as a tar split into 55 MiB pieces, one carried folder per call, each
+# copied to /tmp on the warm machine, then joined and `pip install --target`-ed. Without DALI this script
+# runs the tests that need none, and exits with a message instead of reporting anything else. The tokenizer
+# needs ALBEF_FAST_VOCAB (the vocab.txt `make venv` installs) on that machine.
 #   run: bash benchmarks/gpu_data.sh            (results in $OUT)
 set -uo pipefail
 source benchmarks/gpu_env.sh
