@@ -72,7 +72,7 @@ def throughput(args: argparse.Namespace) -> None:
             print(f"{args.procs:>9} {strategy:>9} {sps:>10.1f} {1e3 * tN:>9.1f} {100 * (1 - t1 / tN):>11.0f}%")
             rows.append(Row("train_step", strategy, "fwd+bwd+step", "throughput", "samples/s", "processes", args.procs,
                             sps, sps, sps, "fp32", f"albef_tiny B={args.batch}/process", gpu=machine))
-    append_rows(CSV, rows)
+    append_rows(args.csv, rows)
 
 
 # --- bytes per rank ---------------------------------------------------------------------------------------
@@ -85,8 +85,6 @@ def _account(rank: int, world: int, port: int, strategy: str, preset: str, resul
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from albef_fast.config import load_config
-    from albef_fast.data.batch import Batch
-    from albef_fast.data.masking import mask_tokens
     from albef_fast.distributed.engine import build_engine
     from albef_fast.distributed.env import env_from_launcher, init_process_group
     from albef_fast.models.albef import ALBEF
@@ -101,13 +99,7 @@ def _account(rank: int, world: int, port: int, strategy: str, preset: str, resul
     model_cfg = get_preset(preset)
     task = PretrainTask(ALBEF(model_cfg), queue_size=world)
     engine = build_engine(cfg, task, build_optimizer(task.model, cfg.optim), env, device)
-    g = torch.Generator().manual_seed(rank)
-    ids = torch.randint(1000, 3000, (1, 12), generator=g)
-    ids[:, 0] = 101
-    mlm_ids, sel = mask_tokens(ids, g, probability=0.3)
-    pos = sel.flatten().nonzero().squeeze(1)
-    batch = Batch(torch.randn(1, 3, model_cfg.image_size, model_cfg.image_size, generator=g), ids,
-                  torch.ones_like(ids), mlm_ids, pos, ids.flatten()[pos])
+    batch = _random_batch(model_cfg, 1, 12, device, seed=rank)
     out = engine.forward_backward(batch, 0.4, torch.autocast("cpu", enabled=False))
     grads = _bytes(p.grad for p in task.parameters())
     opt = engine.optimizer
@@ -168,7 +160,7 @@ def zero_bytes(args: argparse.Namespace) -> None:
                   f"formula {formula / gib:6.3f} GiB (Psi={psi / 1e6:.1f}M, Psi_m={psi_m / 1e6:.1f}M, N={N})")
             rows.append(Row("model_states", strategy, "after one step", "bytes_per_rank", "GiB", "processes", world,
                             total / gib, total / gib, total / gib, "fp32", f"{args.preset}; formula {formula / gib:.3f}"))
-    append_rows(CSV, rows)
+    append_rows(args.csv, rows)
 
 
 # --- one GPU: the one-process loop against DeepSpeed --------------------------------------------------------
@@ -276,6 +268,8 @@ def main() -> None:
     g.add_argument("--strategies", nargs="+", default=["none", "zero1", "zero2", "zero3"])
     g.add_argument("--device", default="cuda")
     g.add_argument("--csv", default=str(CSV))
+    for p in (t, z):
+        p.add_argument("--csv", default=str(CSV))
     args = ap.parse_args()
     {"throughput": throughput, "zero-bytes": zero_bytes, "gpu-step": gpu_step}[args.what](args)
 
