@@ -27,6 +27,15 @@ class ModelSection:
     """Architecture preset: albef_base (the paper's shapes) or albef_tiny (tests and the CPU demo)."""
     image_size: int | None = None
     """Override the preset's input resolution (e.g. 384 for fine-tuning); None keeps the preset's."""
+    init_vit: str | None = None
+    """Fresh runs: DeiT / timm ViT-B/16 weights for the vision encoder (ALBEF pretraining starts from
+    deit_base_patch16_224; pos_embed is interpolated to the image size)."""
+    init_bert: str | None = None
+    """Fresh runs: transformers BertForMaskedLM weights (a bert-base-uncased folder or its weights file)
+    for the text and fusion encoders and the MLM head; cross-attention keeps its fresh initialisation."""
+    init_from: str | None = None
+    """Fresh runs: start from a whole model: an official ALBEF checkpoint, an albef-fast weights folder
+    (`albef-fast convert`) or a training run (its queues are not taken)."""
 
     def __post_init__(self) -> None:
         if self.preset not in MODEL_PRESETS:

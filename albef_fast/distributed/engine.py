@@ -317,6 +317,11 @@ def _restore_rank_rng(rngs: list[dict[str, Any]], env: DistEnv) -> None:
                     "hard-negative draws) restart from the seed", len(rngs), env.world_size)
 
 
+def has_checkpoint(out_dir: Path) -> bool:
+    """Whether `out_dir` holds a checkpoint that a run with resume=true continues from."""
+    return (out_dir / LATEST).exists() or (out_dir / DEEPSPEED_LATEST).exists()
+
+
 def build_engine(cfg: Any, task: PretrainTask, optimizer: torch.optim.Optimizer, env: DistEnv,
                  device: torch.device) -> TorchEngine | DeepSpeedEngine:
     strategy = resolve_strategy(cfg.distributed.strategy, env)

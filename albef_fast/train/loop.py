@@ -25,7 +25,7 @@ import torch
 import albef_fast.models.attention as attention_backend
 from albef_fast.config import TrainConfig, to_dict
 from albef_fast.data.loader import build_training_data
-from albef_fast.distributed.engine import build_engine, resolve_strategy
+from albef_fast.distributed.engine import build_engine, has_checkpoint, resolve_strategy
 from albef_fast.distributed.env import (
     DistEnv,
     all_reduce_mean,
@@ -164,7 +164,14 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
     if cfg.optim.max_steps is not None:
         total_steps = min(total_steps, cfg.optim.max_steps)
 
-    task = PretrainTask(ALBEF(model_cfg), queue_size=cfg.loss.queue_size, momentum=cfg.loss.momentum).to(device)
+    task = PretrainTask(ALBEF(model_cfg), queue_size=cfg.loss.queue_size, momentum=cfg.loss.momentum)
+    m = cfg.model
+    if (m.init_from or m.init_vit or m.init_bert) and not (cfg.resume and has_checkpoint(out_dir)):
+        from albef_fast.weights import initialise_task
+
+        for line in initialise_task(task, albef=m.init_from, vit=m.init_vit, bert=m.init_bert):
+            log.info("init %s", line)
+    task = task.to(device)
     optimizer = build_optimizer(task.model, cfg.optim)
     engine = build_engine(cfg, task, optimizer, env, device)
     # As ALBEF (seed + rank): dropout and hard-negative draws differ per rank; data seeds are per sample.
@@ -245,7 +252,7 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
             "with the same command (resume=true)") from exc
     finally:
         metrics.close()
-    if env.is_main:
+    if env.is_main and metrics_path.exists():  # a 0-step run logs nothing
         plot_losses(metrics_path, out_dir / "losses.png")
     summary.steps, summary.final_metrics = pos.step, row
     events = _sum_over_ranks(dataset.events.totals())  # bad / converted samples met by the loaders

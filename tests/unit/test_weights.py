@@ -346,3 +346,44 @@ def test_training_checkpoint_errors_are_clear(tmp_path, capsys):
     (run / "checkpoint-latest.pt").write_bytes(data[: len(data) // 3])
     assert main(["convert", "--checkpoint", str(run), "--output", str(tmp_path / "y")]) == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_pretrain_starts_from_deit_and_bert_weights(tmp_path, capsys):
+    """model.init_vit / model.init_bert as ALBEF's pretraining initialisation: the run's first checkpoint
+    (max_steps=0) holds the DeiT and BERT weights in the online and the momentum model."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+    from transformers import BertConfig, BertForMaskedLM
+
+    from albef_fast.cli import main
+    from albef_fast.train.checkpoint import LATEST, read_checkpoint
+
+    cfg = get_preset("albef_tiny")
+    torch.manual_seed(3)
+    hf = BertForMaskedLM(BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=4,
+                                    num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                                    max_position_embeddings=cfg.max_position))
+    (tmp_path / "bert").mkdir()
+    torch.save(hf.state_dict(), tmp_path / "bert" / "pytorch_model.bin")  # a Hugging Face folder
+    deit = VisionTransformer(img_size=48, patch_size=8, embed_dim=cfg.vision_width, depth=cfg.vision_depth,
+                             num_heads=cfg.vision_heads, num_classes=10, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    torch.save({"model": deit.state_dict()}, tmp_path / "deit.pth")
+    run = tmp_path / "run"
+    args = [f"output_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "data.scenes_train=48", "data.scenes_eval=6",
+            "data.batch_size=8", "data.num_workers=0", "loss.queue_size=32", "progress=false", "optim.max_steps=0",
+            "eval.before_training=false", "eval.after_training=false"]
+    assert main(["pretrain", *args, f"model.init_vit={tmp_path / 'deit.pth'}", f"model.init_bert={tmp_path / 'bert'}"]) == 0
+    task = read_checkpoint(run / LATEST)["task"]
+    for prefix in ("model.", "model_m."):
+        torch.testing.assert_close(task[prefix + "visual_encoder.blocks.2.attn.qkv.weight"], deit.blocks[2].attn.qkv.weight,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(task[prefix + "fusion_encoder.layers.1.fc2.weight"],
+                                   hf.bert.encoder.layer[3].output.dense.weight, rtol=0, atol=0)
+    # init_from: a whole model, here that run (online and momentum weights, not its queues)
+    assert main(["pretrain", *[a.replace("run", "run3") for a in args], f"model.init_from={run}", "seed=7"]) == 0
+    again = read_checkpoint(tmp_path / "run3" / LATEST)["task"]
+    assert all(torch.equal(again[k], v) for k, v in task.items() if not k.startswith("queues."))
+    assert not torch.equal(again["queues.image"], task["queues.image"])  # seed 7's fresh queue
+    assert main(["pretrain", *[a.replace("run", "run2") for a in args], f"model.init_vit={tmp_path / 'nothing.pth'}"]) == 2
+    assert "nothing.pth does not exist" in capsys.readouterr().err
