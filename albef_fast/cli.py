@@ -22,13 +22,14 @@ import yaml
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="albef-fast", description="ALBEF pretraining and evaluation")
+    # the deepspeed launcher passes --local_rank=N before the subcommand; the rank is read from the environment
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("pretrain", "train with the ITC + ITM + MLM objectives"),
                         ("print-config", "print the fully resolved config as YAML")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", default="demo", help="YAML file or run preset name (default: demo)")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4 data.batch_size=48")
-        # the deepspeed launcher passes --local_rank=N; the rank is read from LOCAL_RANK/RANK instead
         s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     e = sub.add_parser("eval-retrieval", help="zero-shot image-text retrieval (ITC ranking, ITM re-rank of top k)")
     e.add_argument("--checkpoint", required=True, help="checkpoint written by `albef-fast pretrain`")

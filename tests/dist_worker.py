@@ -5,9 +5,10 @@ end of training (before the process group goes away) every rank writes the full 
 (under ZeRO-3 gathered from the shards) to <dump>-rank<r>.pt, so the test can compare every rank with
 a one-process run.
 
-Two test seams make runs with different numbers of processes comparable exactly: dropout 0, and a
-deterministic hard negative (the most similar non-matching item) instead of a random draw. Everything
-else (data slots, gradient averaging, EMA, queue gathering, checkpoints) is the production path.
+Two test seams (on by default) make runs with different numbers of processes comparable exactly: dropout
+0, and a deterministic hard negative (the most similar non-matching item) instead of a random draw.
+Everything else (data slots, gradient averaging, EMA, queue gathering, checkpoints) is the production
+path.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _deterministic_negatives(self, sims):
     return index[1], index[0], valid[1], valid[0]
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], dump: str | None, die_at_step: int | None) -> None:
+def _worker(rank: int, world: int, port: int, overrides: list[str], dump: str | None, die_at_step: int | None,
+            seams: bool) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     torch.set_num_threads(1)  # bitwise-deterministic CPU reductions
@@ -47,10 +49,11 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], dump: str | 
     from albef_fast.task import PretrainTask
     from albef_fast.train import loop
 
-    real_get_preset = presets.get_preset
-    loop.get_preset = lambda name, **kw: dataclasses.replace(real_get_preset(name, **kw), hidden_dropout=0.0,
-                                                              attention_dropout=0.0)
-    PretrainTask.hard_negatives = _deterministic_negatives
+    if seams:
+        real_get_preset = presets.get_preset
+        loop.get_preset = lambda name, **kw: dataclasses.replace(real_get_preset(name, **kw), hidden_dropout=0.0,
+                                                                  attention_dropout=0.0)
+        PretrainTask.hard_negatives = _deterministic_negatives
 
     engines: list[Any] = []
     real_build_engine = loop.build_engine
@@ -101,11 +104,13 @@ def _dump(engine: Any, path: str) -> None:
 
 
 def run(world: int, overrides: list[str], *, dump: str | Path | None = None, die_at_step: int | None = None,
-        timeout: float = 600) -> list[int]:
-    """Start `world` processes running `train(load_config("demo", overrides))`; returns their exit codes."""
+        timeout: float = 600, seams: bool = True) -> list[int]:
+    """Start `world` processes running `train(load_config("demo", overrides))`; returns their exit codes.
+    seams=False: dropout on and random hard negatives (the production draws)."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, overrides, str(dump) if dump else None, die_at_step))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, overrides, str(dump) if dump else None, die_at_step,
+                                               seams))
              for r in range(world)]
     for p in procs:
         p.start()

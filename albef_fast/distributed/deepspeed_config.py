@@ -5,8 +5,15 @@ Precision: bf16 runs as `torch_autocast` (parameters and the optimizer stay fp32
 bf16 as in the one-process loop), not as DeepSpeed's `bf16` mode (bf16 parameters with fp32 master
 copies). Two reasons: the momentum model must be the EMA of the true (fp32) parameters, which then are
 the module's own parameters under ZeRO-1/2 and their local shards under ZeRO-3; and the numbers stay
-those of the one-process run. The cost is fp32 parameter all-gathers under ZeRO-3 (2x the bytes of
-bf16 ones).
+those of the one-process run. By default DeepSpeed's torch_autocast also communicates the parameters
+and gradients of Linear/Conv layers in bf16; `lower_precision_safe_modules: []` turns that off, so
+gradients are reduced in fp32 as under DDP. The cost is fp32 collectives (2x the bytes of bf16 ones).
+(The H200 ZeRO step times of session 2 in benchmarks/results/distributed.csv were measured before this
+setting, with bf16 communication.)
+
+Offload: DeepSpeed refuses a client (torch) optimizer with offload_optimizer unless
+zero_force_ds_cpu_optimizer is false; DeepSpeedCPUAdam would need a one-time op build. The torch AdamW
+then steps on the host copies.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) ->
         "train_batch_size": micro * accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
+        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,  # the loop logs; DeepSpeed's own prints would duplicate it
         "wall_clock_breakdown": False,
     }

@@ -23,6 +23,7 @@ same rows. Hard negatives stay within the micro-batch, as in ALBEF.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -110,6 +111,10 @@ class TorchEngine:
     def after_step(self, outputs: Sequence[PretrainOutput]) -> None:
         self.task.after_step(outputs, gather=gather_rows)
 
+    def full_state(self) -> dict[str, Tensor] | None:
+        """The whole task state_dict on rank 0 (None elsewhere); a collective under ZeRO-3."""
+        return self.task.state_dict() if self.env.is_main else None
+
     # --- checkpoints: one file, written by rank 0, with every rank's RNG state ----------------------------
     def save(self, out_dir: Path, pos: RunPosition, config: dict[str, Any], rank_state: dict[str, Any]) -> None:
         """Rank 0 writes the one file; `rank_state` (this rank's data-event counts, ...) and the RNG state of
@@ -134,6 +139,11 @@ class TorchEngine:
         ranks = state.get("ranks") or [{"rng": state["rng"]}]  # a one-process checkpoint of session 1
         _restore_rank_rng([r["rng"] for r in ranks], self.env)
         return pos, state["config"], len(ranks), ranks
+
+
+def _plain_shapes(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The temperature back to ALBEF's 0-d shape (DeepSpeed runs hold it as (1,))."""
+    return {k: v.reshape(()) if k.endswith("temp") and v.numel() == 1 else v for k, v in state.items()}
 
 
 class DeepSpeedEngine:
@@ -196,6 +206,20 @@ class DeepSpeedEngine:
             self._pairs = (list(params_m), list(params))
         return self._pairs
 
+    def full_state(self) -> dict[str, Tensor] | None:
+        """The whole task state_dict (plain shapes, CPU) on rank 0, None elsewhere. Under ZeRO-3 every rank
+        must call it: the parameters are gathered (read-only) and copied out, because the task's own
+        modules keep DeepSpeed's hooks, which would re-partition them inside a rank-0-only evaluation."""
+        gathered: Any = nullcontext()
+        if self.stage == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(self.task.parameters()), modifier_rank=None)
+        with gathered:
+            state = ({k: v.detach().cpu().clone() for k, v in self.task.state_dict().items()}
+                     if self.env.is_main else None)
+        return _plain_shapes(state) if state is not None else None
+
     @torch.no_grad()
     def after_step(self, outputs: Sequence[PretrainOutput]) -> None:
         ema_update_(*self.momentum_pairs(), self.task.momentum)
@@ -224,7 +248,11 @@ class DeepSpeedEngine:
 
     # --- checkpoints: DeepSpeed's per-rank files + ours, then an atomic pointer -------------------------
     def save(self, out_dir: Path, pos: RunPosition, config: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        """Write tag step-N, then move the pointer. The tag the pointer names is never rewritten (the loop
+        does not save the same step twice; this guards the rule)."""
         root, tag = out_dir / "deepspeed", f"step-{pos.step:08d}"
+        if _read_pointer(out_dir).get("tag") == tag:
+            return
         queues = {k: v.detach().cpu() for k, v in self.task.queues.state_dict().items()}
         client = {"position": vars(pos), "config": config, "queues": queues, "world_size": self.env.world_size}
         self.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
@@ -238,10 +266,11 @@ class DeepSpeedEngine:
         if self.env.is_main:
             pointer = {"format": DEEPSPEED_FORMAT, "tag": tag, "step": pos.step, "strategy": self.strategy,
                        "world_size": self.env.world_size}
-            import json
-
             tmp = out_dir / (DEEPSPEED_LATEST + ".tmp")
-            tmp.write_text(json.dumps(pointer))
+            with open(tmp, "w") as f:
+                f.write(json.dumps(pointer))
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, out_dir / DEEPSPEED_LATEST)
             tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
             for old in tags[: max(0, len(tags) - self.keep)]:
@@ -251,7 +280,6 @@ class DeepSpeedEngine:
     def load(self, out_dir: Path) -> tuple[RunPosition, dict[str, Any], int, list[dict[str, Any]]] | None:
         """Restore the checkpoint `checkpoint-latest.json` points to (same strategy and number of ranks);
         returns as `TorchEngine.load`, with this rank's `rank_state` at index `rank` of the list."""
-        import json
 
         pointer_path = out_dir / DEEPSPEED_LATEST
         if not pointer_path.exists():
@@ -269,8 +297,8 @@ class DeepSpeedEngine:
             raise CheckpointError(
                 f"{out_dir}: the checkpoint was written by {pointer['strategy']} on {pointer['world_size']} ranks; "
                 f"this run is {self.strategy} on {self.env.world_size}. ZeRO partitions the optimizer state per "
-                "rank: resume with the same strategy and number of ranks (or convert it with DeepSpeed's "
-                "ds_to_universal.py and load it as a universal checkpoint)")
+                "rank: resume with the same strategy and number of ranks. The weights of a finished run are also "
+                "in output_dir/weights (any number of ranks can start from them with model.init_from)")
         root, tag = out_dir / "deepspeed", pointer["tag"]
         path, client = self.engine.load_checkpoint(str(root), tag=tag)
         if path is None:
@@ -290,6 +318,13 @@ class DeepSpeedEngine:
         ranks = [{} for _ in range(self.env.world_size)]
         ranks[self.env.rank] = mine
         return RunPosition(**client["position"]), client["config"], client["world_size"], ranks
+
+
+def _read_pointer(out_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out_dir / DEEPSPEED_LATEST).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _directly_used_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

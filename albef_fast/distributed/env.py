@@ -2,7 +2,7 @@
 
 Launchers describe the job with environment variables: torchrun and the deepspeed launcher set RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; under SLURM (`srun`, one task per GPU) they
-are derived from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID, with MASTER_ADDR/MASTER_PORT
+are derived from SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID, with MASTER_ADDR/MASTER_PORT
 exported by the batch script (README, "Running at scale"). No variables: one process.
 """
 
@@ -51,8 +51,14 @@ def env_from_launcher(environ: dict[str, str] | None = None) -> DistEnv:
         world = read("WORLD_SIZE")
         rank = read("RANK") if "RANK" in env else 0
         local = read("LOCAL_RANK") if "LOCAL_RANK" in env else 0
-    elif int(env.get("SLURM_NTASKS", "1")) > 1:
-        world, rank, local = read("SLURM_NTASKS"), read("SLURM_PROCID"), read("SLURM_LOCALID")
+    elif int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        # inside an `srun` step (the batch script itself, outside srun, is one process even when the
+        # allocation has several tasks)
+        missing = [k for k in ("SLURM_PROCID", "SLURM_LOCALID") if k not in env]
+        if missing:
+            raise ValueError(f"SLURM_STEP_NUM_TASKS={env['SLURM_STEP_NUM_TASKS']} but {missing} are not set: start "
+                             "one task per GPU with srun (configs/launch/slurm_pretrain.sbatch)")
+        world, rank, local = read("SLURM_STEP_NUM_TASKS"), read("SLURM_PROCID"), read("SLURM_LOCALID")
     else:
         return DistEnv()
     if world < 1 or not 0 <= rank < world or local < 0:

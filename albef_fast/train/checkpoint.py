@@ -28,7 +28,7 @@ class RunPosition:
     """Optimizer steps completed."""
     epoch: int = 0
     batch: int = 0
-    """Batches of `epoch` already consumed."""
+    """Optimizer steps of `epoch` already completed (each one global batch)."""
 
 
 def rng_state() -> dict[str, Any]:

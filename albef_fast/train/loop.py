@@ -39,7 +39,7 @@ from albef_fast.models.albef import ALBEF
 from albef_fast.models.presets import get_preset
 from albef_fast.models.queue import check_queue_size
 from albef_fast.task import PretrainOutput, PretrainTask
-from albef_fast.train.checkpoint import RunPosition
+from albef_fast.train.checkpoint import CheckpointError, RunPosition
 from albef_fast.train.metrics import TRACKED, MetricsLogger, plot_losses, read_metrics
 from albef_fast.train.optim import build_optimizer
 from albef_fast.train.schedule import alpha_at, lr_at
@@ -181,6 +181,11 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
     pos = RunPosition()
     metrics_path = out_dir / "metrics.jsonl"
     loaded = engine.load(out_dir) if cfg.resume else None
+    if env.is_distributed:  # every rank must continue from the same step (output_dir on a shared filesystem)
+        steps = _gather_ints(loaded[0].step if loaded is not None else -1)
+        if len(set(steps)) > 1:
+            raise CheckpointError(f"the ranks found different checkpoints in {out_dir} (steps by rank, -1 = none: "
+                                  f"{steps}): output_dir must be one folder on a filesystem every node shares")
     if loaded is not None:
         pos, saved, saved_world, ranks = loaded
         check_resumable(saved, cfg, out_dir, saved_world_size=saved_world, world_size=env.world_size)
@@ -198,7 +203,7 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
         metrics_path.unlink()
 
     summary = RunSummary(steps=pos.step, output_dir=out_dir, final_metrics={}, data_stats=dict(stats))
-    evaluate = _retrieval_fn(cfg, eval_file, model_cfg.image_size, device, env, strategy)
+    evaluate = _retrieval_fn(cfg, eval_file, model_cfg, device, env, engine)
     if evaluate and cfg.eval.before_training and pos.step == 0:
         summary.retrieval_before = evaluate(task.model, "before training")
 
@@ -208,7 +213,14 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
     metrics = MetricsLogger(metrics_path, total_steps, pos.step, cfg.progress and env.is_main, write=env.is_main,
                             reduce=all_reduce_mean)
     row: dict[str, Any] = {}
-    save = lambda: engine.save(out_dir, pos, to_dict(cfg), {"data_events": dataset.events.state_dict()})
+    saved_step = pos.step if loaded is not None else -1
+
+    def save() -> None:  # a step is saved once: a ZeRO checkpoint folder is never rewritten in place
+        nonlocal saved_step
+        if pos.step != saved_step:
+            engine.save(out_dir, pos, to_dict(cfg), {"data_events": dataset.events.state_dict()})
+            saved_step = pos.step
+
     try:
         for epoch in range(pos.epoch, cfg.optim.epochs):
             start_step = pos.batch if epoch == pos.epoch else 0
@@ -254,6 +266,8 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
         metrics.close()
     if env.is_main and metrics_path.exists():  # a 0-step run logs nothing
         plot_losses(metrics_path, out_dir / "losses.png")
+    if strategy.startswith("zero"):  # the weights in a form every tool reads (convert, init_from, eval)
+        _export_weights(engine, task, out_dir / "weights", env)
     summary.steps, summary.final_metrics = pos.step, row
     events = _sum_over_ranks(dataset.events.totals())  # bad / converted samples met by the loaders
     summary.data_stats.update(events)
@@ -261,6 +275,28 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
     if evaluate and cfg.eval.after_training:
         summary.retrieval_after = evaluate(task.model, "after training")
     return summary
+
+
+def _export_weights(engine: Any, task: PretrainTask, folder: Path, env: DistEnv) -> None:
+    """ZeRO runs: the whole task (online and momentum weights, queues) as an albef-fast weights folder,
+    gathered from the shards (a collective), written by rank 0."""
+    state = engine.full_state()
+    if env.is_main:
+        from albef_fast.weights import save_pretrained
+
+        plain = PretrainTask(ALBEF(task.model.config), queue_size=task.queues.size, momentum=task.momentum)
+        plain.load_state_dict(state)
+        save_pretrained(plain, folder)
+        log.info("weights written to %s (albef-fast folder: convert, model.init_from)", folder)
+    barrier()
+
+
+def _gather_ints(value: int) -> list[int]:
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 class DistributedRunError(RuntimeError):
@@ -288,28 +324,28 @@ def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
     return {k: sum(c.get(k, 0) for c in everyone) for k in counts}
 
 
-def _retrieval_fn(cfg: TrainConfig, eval_file: str | None, image_size: int, device: torch.device, env: DistEnv,
-                  strategy: str):
-    """Zero-shot retrieval on rank 0 (the other ranks wait). Under ZeRO-3 every rank first gathers the
-    full parameters (read-only)."""
+def _retrieval_fn(cfg: TrainConfig, eval_file: str | None, model_cfg: Any, device: torch.device, env: DistEnv,
+                  engine: Any):
+    """Zero-shot retrieval on rank 0 while the other ranks wait. Under ZeRO-3 every rank first takes part
+    in gathering the weights, and rank 0 evaluates a plain copy (`DeepSpeedEngine.full_state`)."""
     if not eval_file:
         return None
     from albef_fast.eval.retrieval import evaluate_retrieval_file, format_recalls
 
     def run(model: ALBEF, label: str) -> dict[str, float]:
-        gathered = nullcontext()
-        if strategy == "zero3":
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-        result: dict[str, float] = {}
-        with gathered:
+        if getattr(engine, "stage", None) == 3:
+            state = engine.full_state()  # collective
             if env.is_main:
-                result = evaluate_retrieval_file(model, eval_file, image_size=image_size, k_test=cfg.eval.k_test,
-                                                 batch_size=cfg.eval.batch_size, device=device,
-                                                 autocast=autocast_for(cfg.precision, device))
-                print(f"zero-shot retrieval {label} ({Path(eval_file).name}): {format_recalls(result)}", flush=True)
-            barrier()
+                model = ALBEF(model_cfg)
+                model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+                model.to(device)
+        result: dict[str, float] = {}
+        if env.is_main:
+            result = evaluate_retrieval_file(model, eval_file, image_size=model_cfg.image_size, k_test=cfg.eval.k_test,
+                                             batch_size=cfg.eval.batch_size, device=device,
+                                             autocast=autocast_for(cfg.precision, device))
+            print(f"zero-shot retrieval {label} ({Path(eval_file).name}): {format_recalls(result)}", flush=True)
+        barrier()
         return result
 
     return run

@@ -16,7 +16,6 @@ from albef_fast.models.presets import get_preset
 from albef_fast.models.text import CrossAttention, FusionEncoder, TextEncoder
 from albef_fast.models.vision import VitAttention, build_vision_encoder
 from albef_fast.task import PretrainTask
-
 from tests.helpers import tiny_batch
 
 # (B, L) key masks: full rows, ragged right padding, rows where only [CLS] is real, and a row whose

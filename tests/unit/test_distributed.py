@@ -32,15 +32,19 @@ from albef_fast.distributed.env import DistEnv, env_from_launcher
 from albef_fast.train.metrics import read_metrics
 from tests.dist_worker import load_dump, run
 
-pytest.importorskip("deepspeed")
-
 STEPS, LR = 4, 1e-4
+
+
+def needs_deepspeed(strategy: str) -> None:
+    if strategy.startswith("zero"):
+        pytest.importorskip("deepspeed")
 
 
 def overrides(out: Path, cache: Path, *extra: str) -> list[str]:
     return [f"output_dir={out}", f"data.cache_dir={cache}", "data.scenes_train=48", "data.scenes_eval=6",
             "data.batch_size=2", "data.num_workers=0", "loss.queue_size=16", "loss.momentum=0.5",
-            f"optim.lr={LR}", f"optim.warmup_lr={LR}", "optim.warmup_step_iters=2", f"optim.max_steps={STEPS}",
+            f"optim.lr={LR}", "optim.warmup_lr=1e-5", "optim.warmup_steps=3", "optim.warmup_step_iters=1",
+            f"optim.max_steps={STEPS}",
             "progress=false", "log_every=1", "checkpoint_every=2", "eval.before_training=false",
             "eval.after_training=false", "device=cpu", "precision=fp32", *extra]
 
@@ -81,27 +85,40 @@ def assert_same_run(rows, state, ref_rows, ref_state, *, exact: bool) -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero2-offload", "zero3"])
 def test_two_processes_match_one_process(reference, strategy):
+    """zero2-offload: the optimizer state on the host (DeepSpeed offload with the torch AdamW). zero3 also
+    evaluates retrieval after training (every rank gathers, rank 0 evaluates a plain copy) and exports the
+    weights folder."""
+    needs_deepspeed(strategy)
     root, ref_rows, ref_state = reference
     out = root / strategy
-    assert run(2, overrides(out, root / "cache", f"distributed.strategy={strategy}"), dump=out) == [0, 0]
+    extra = [f"distributed.strategy={strategy.split('-')[0]}"]
+    extra += ["distributed.offload_optimizer=true"] if strategy.endswith("offload") else []
+    extra += ["eval.after_training=true", "eval.k_test=4"] if strategy == "zero3" else []
+    assert run(2, overrides(out, root / "cache", *extra), dump=out) == [0, 0]
     rows = read_metrics(out / "metrics.jsonl")
     for rank in (0, 1):  # every rank holds the one-process weights, momentum weights and queues
         assert_same_run(rows, load_dump(out, rank), ref_rows, ref_state, exact=strategy != "zero3")
     # the EMA was exercised: momentum and online weights differ by much more than the tolerance
     gap = max((ref_state[f"model_m.{k[6:]}"] - v).abs().max().item() for k, v in ref_state.items()
               if k.startswith("model.") and f"model_m.{k[6:]}" in ref_state)
-    assert gap > 5e-5  # 50x the tolerance
+    assert gap > 2e-5  # 20x the tolerance
     if strategy.startswith("zero"):
         pointer = json.loads((out / "checkpoint-latest.json").read_text())
-        assert pointer["step"] == STEPS and pointer["world_size"] == 2 and pointer["strategy"] == strategy
+        assert pointer["step"] == STEPS and pointer["world_size"] == 2 and pointer["strategy"] == strategy[:5]
+        from albef_fast.weights import load_pretrained
+
+        exported = load_pretrained(out / "weights").state_dict()  # what convert / model.init_from read
+        dumped = load_dump(out, 0)
+        assert all(torch.equal(v, dumped[k].reshape(v.shape)) for k, v in exported.items())
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
 def test_a_dead_rank_fails_clearly_and_the_run_resumes(reference, strategy):
     """Rank 1 dies during step 3 (after the step-2 checkpoint): rank 0 stops with an error that says
     what happened and where the checkpoint is, nobody hangs; 2 fresh processes finish the run."""
+    needs_deepspeed(strategy)
     root, ref_rows, ref_state = reference
     out = root / f"dead-{strategy}"
     args = overrides(out, root / "cache", f"distributed.strategy={strategy}", "distributed.timeout_s=60")
@@ -125,7 +142,27 @@ def test_a_ddp_checkpoint_resumes_on_one_process(reference):
     assert_same_run(read_metrics(out / "metrics.jsonl"), load_dump(out, 0), ref_rows, ref_state, exact=True)
 
 
+def test_ddp_resume_restores_every_rank_rng(reference):
+    """With dropout on and random hard negatives (no test seams), 2+2 steps with a restart equal 4
+    straight steps bitwise: each rank's RNG states and the data position come back."""
+    root, _, _ = reference
+    args = ["distributed.strategy=ddp"]
+    assert run(2, overrides(root / "rng-straight", root / "cache", *args), dump=root / "rng-straight", seams=False) == [0, 0]
+    out = root / "rng-resumed"
+    assert run(2, overrides(out, root / "cache", *args, "optim.max_steps=2"), seams=False) == [0, 0]
+    assert run(2, overrides(out, root / "cache", *args), dump=out, seams=False) == [0, 0]
+    def losses(path):
+        return [{k: r[k] for k in ("step", "loss", "itc_loss", "itm_loss", "mlm_loss", "temp")}
+                for r in read_metrics(path / "metrics.jsonl")]
+
+    assert losses(out) == losses(root / "rng-straight")
+    for rank in (0, 1):
+        straight, resumed = load_dump(root / "rng-straight", rank), load_dump(out, rank)
+        assert all(torch.equal(v, resumed[k]) for k, v in straight.items())
+
+
 def test_zero_checkpoints_refuse_another_world_size(reference):
+    pytest.importorskip("deepspeed")
     root, _, _ = reference
     out = root / "zero1-refuse"
     assert run(2, overrides(out, root / "cache", "distributed.strategy=zero1", "optim.max_steps=2")) == [0, 0]
@@ -158,8 +195,13 @@ def test_env_from_launcher():
     assert env_from_launcher({}) == DistEnv()
     env = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
     assert env_from_launcher(env) == DistEnv(2, 4, 0)
-    slurm = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    slurm = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "MASTER_ADDR": "h",
+             "MASTER_PORT": "1"}
     assert env_from_launcher(slurm) == DistEnv(5, 8, 1)
+    # the batch script itself (outside srun) is one process, whatever the allocation's task count
+    assert env_from_launcher({"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}) == DistEnv()
+    with pytest.raises(ValueError, match="start one task per GPU with srun"):
+        env_from_launcher({"SLURM_STEP_NUM_TASKS": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     with pytest.raises(ValueError, match="MASTER_ADDR/MASTER_PORT are not set"):
         env_from_launcher({"WORLD_SIZE": "2", "RANK": "0"})
     with pytest.raises(ValueError, match="inconsistent launcher environment"):
@@ -173,15 +215,18 @@ def test_deepspeed_config_follows_the_train_config():
     assert ds["train_micro_batch_size_per_gpu"] == 48 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 48 * 2 * 8 and ds["gradient_clipping"] == 1.0
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds
+    # bf16 compute, fp32 parameters and collectives (no lower-precision communication)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "bf16" not in ds and ds["zero_force_ds_cpu_optimizer"] is False
     with pytest.raises(ValueError, match="offload_optimizer needs strategy zero2 or zero3"):
         deepspeed_config(load_config(None, ["distributed.strategy=zero1", "distributed.offload_optimizer=true"]), 2,
                          torch.device("cpu"))
 
 
-def test_queue_divisibility_uses_the_global_batch(tmp_path):
+def test_queue_divisibility_uses_the_global_batch(tmp_path, capsys):
     from albef_fast.cli import main
 
     # 2 per micro-batch x 3 accumulation steps = 6 does not divide 16
     args = overrides(tmp_path / "q", tmp_path / "cache", "optim.grad_accum_steps=3")
     assert main(["pretrain", *args]) == 2
+    assert "not a multiple of the global batch 6" in capsys.readouterr().err
