@@ -142,6 +142,32 @@ def test_a_ddp_checkpoint_resumes_on_one_process(reference):
     assert_same_run(read_metrics(out / "metrics.jsonl"), load_dump(out, 0), ref_rows, ref_state, exact=True)
 
 
+@pytest.fixture(scope="module")
+def clipped_reference(reference):
+    """The one-process reference with the global gradient norm clipped to 0.5 (the run's norms are larger)."""
+    root, _, _ = reference
+    out = root / "one-clip"
+    assert run(1, overrides(out, root / "cache", "optim.grad_accum_steps=2", "optim.grad_clip=0.5"), dump=out) == [0]
+    return root, read_metrics(out / "metrics.jsonl"), load_dump(out, 0)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_gradient_clipping_matches_one_process(clipped_reference, reference, strategy):
+    """optim.grad_clip under DDP (torch's clip_grad_norm_ on the averaged gradients: bitwise) and under
+    DeepSpeed (its own clip of the reduced gradients, gradient_clipping in the generated config: another
+    formula for the same factor, so held to the ZeRO-3 tolerance)."""
+    needs_deepspeed(strategy)
+    root, ref_rows, ref_state = clipped_reference
+    _, _, unclipped = reference
+    assert any(not torch.equal(ref_state[k], unclipped[k]) for k in ref_state)  # clipping acted
+    out = root / f"clip-{strategy}"
+    assert run(2, overrides(out, root / "cache", f"distributed.strategy={strategy}", "optim.grad_clip=0.5"),
+               dump=out) == [0, 0]
+    for rank in (0, 1):
+        assert_same_run(read_metrics(out / "metrics.jsonl"), load_dump(out, rank), ref_rows, ref_state,
+                        exact=strategy == "ddp")
+
+
 def test_ddp_resume_restores_every_rank_rng(reference):
     """With dropout on and random hard negatives (no test seams), 2+2 steps with a restart equal 4
     straight steps bitwise: each rank's RNG states and the data position come back."""
