@@ -13,9 +13,11 @@ data, about ten minutes on a 2-core CPU, with zero-shot retrieval before and aft
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -32,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2e-4 data.batch_size=48")
         s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     e = sub.add_parser("eval-retrieval", help="zero-shot image-text retrieval (ITC ranking, ITM re-rank of top k)")
-    e.add_argument("--checkpoint", required=True, help="checkpoint written by `albef-fast pretrain`")
+    e.add_argument("--checkpoint", required=True, help="checkpoint written by `albef-fast pretrain`, or a weights "
+                   "folder (`albef-fast convert`; output_dir/weights of a ZeRO run)")
     e.add_argument("--data", default=None, help="retrieval JSON (default: the run's eval file)")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k_test=256 device=cuda")
     from albef_fast.parity.cli import add_parsers  # convert, parity
@@ -80,19 +83,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _eval_retrieval(args: argparse.Namespace) -> int:
-    from albef_fast.config import _merge, from_dict, parse_overrides
+    from albef_fast.config import TrainConfig, _merge, from_dict, parse_overrides
     from albef_fast.eval.retrieval import evaluate_retrieval_file, format_recalls
     from albef_fast.models.albef import ALBEF
     from albef_fast.models.presets import get_preset
     from albef_fast.train.checkpoint import read_checkpoint
     from albef_fast.train.loop import autocast_for, resolve_data_files, resolve_device
 
-    state = read_checkpoint(args.checkpoint)
-    cfg = _merge(from_dict(state["config"]), parse_overrides(args.overrides))
-    overrides = {"image_size": cfg.model.image_size} if cfg.model.image_size else {}
-    model_cfg = get_preset(cfg.model.preset, **overrides)
-    model = ALBEF(model_cfg)
-    model.load_state_dict({k[len("model."):]: v for k, v in state["task"].items() if k.startswith("model.")})
+    path = Path(args.checkpoint)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        # a weights folder (`albef-fast convert`, or output_dir/weights of a ZeRO run); the run's config,
+        # when the folder sits in a run folder, supplies the evaluation settings
+        from albef_fast.weights import load_pretrained
+
+        loaded = load_pretrained(path)
+        model = getattr(loaded, "model", loaded)
+        run_config = path.parent / "config.json"
+        saved = json.loads(run_config.read_text()) if run_config.is_file() else {}
+        cfg = _merge(from_dict(saved) if "model" in saved else TrainConfig(), parse_overrides(args.overrides))
+        model_cfg = model.config
+    else:
+        state = read_checkpoint(path)
+        cfg = _merge(from_dict(state["config"]), parse_overrides(args.overrides))
+        overrides = {"image_size": cfg.model.image_size} if cfg.model.image_size else {}
+        model_cfg = get_preset(cfg.model.preset, **overrides)
+        model = ALBEF(model_cfg)
+        model.load_state_dict({k[len("model."):]: v for k, v in state["task"].items() if k.startswith("model.")})
     data = args.data or resolve_data_files(cfg, model_cfg.image_size)[1]
     if not data:
         raise ValueError("no retrieval data: pass --data eval.json (ALBEF format, a caption list per image)")

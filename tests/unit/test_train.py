@@ -32,7 +32,13 @@ def test_cli_pretrain_smoke_and_eval_retrieval(tmp_path, capsys):
     assert (run / "losses.png").stat().st_size > 1000 and (run / LATEST).exists()
     assert json.loads((run / "config.json").read_text())["model"]["preset"] == "albef_tiny"
     assert main(["eval-retrieval", "--checkpoint", str(run / LATEST)]) == 0
-    assert "image->text R@1/5/10" in capsys.readouterr().out
+    recalls = capsys.readouterr().out
+    assert "image->text R@1/5/10" in recalls
+    # the same model as a weights folder inside the run folder (as a ZeRO run writes output_dir/weights)
+    assert main(["convert", "--checkpoint", str(run), "--output", str(run / "weights")]) == 0
+    capsys.readouterr()
+    assert main(["eval-retrieval", "--checkpoint", str(run / "weights")]) == 0
+    assert capsys.readouterr().out == recalls
 
 
 def test_cli_reports_config_errors(capsys):
