@@ -388,8 +388,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a checkpoint file: .safetensors, or a torch pickle (.pth/.pt/.bin) read with
     weights_only=True and unwrapped from "model" / "state_dict" / "module" where present."""
     path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_FILE
+    if path.is_dir():  # our weights folder, or a Hugging Face model folder
+        path = next((path / n for n in (WEIGHTS_FILE, "pytorch_model.bin") if (path / n).is_file()), path / WEIGHTS_FILE)
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -547,16 +547,6 @@ def load_training_checkpoint(path: str | Path) -> nn.Module:
     return task
 
 
-def _hf_weights_file(path: Path) -> Path:
-    """A Hugging Face model folder's weights file (model.safetensors, else pytorch_model.bin)."""
-    if path.is_dir():
-        for name in (WEIGHTS_FILE, "pytorch_model.bin"):
-            if (path / name).is_file():
-                return path / name
-        raise WeightsError(f"{path} holds neither {WEIGHTS_FILE} nor pytorch_model.bin")
-    return path
-
-
 def initialise_task(task: nn.Module, *, albef: str | None = None, vit: str | None = None,
                     bert: str | None = None) -> list[str]:
     """The initialisation of a fresh pretraining run (`model.init_*` in the config).
@@ -584,9 +574,14 @@ def initialise_task(task: nn.Module, *, albef: str | None = None, vit: str | Non
 
     if albef:
         path = Path(albef)
-        if is_training_checkpoint(path) or (path.is_dir() and _is_weights_folder(path)):
-            src = load_training_checkpoint(path) if is_training_checkpoint(path) else load_pretrained(path)
+        from albef_fast.task import PretrainTask
+
+        ours = is_training_checkpoint(path)
+        if ours or (path.is_dir() and _is_weights_folder(path)):
+            src = load_training_checkpoint(path) if ours else load_pretrained(path)
             sd = src.state_dict()
+            if not isinstance(src, PretrainTask):  # a folder holding a bare ALBEF model
+                sd = {"model." + k: v for k, v in sd.items()}
             own = task.state_dict()
             bad = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
             if bad:
@@ -602,7 +597,7 @@ def initialise_task(task: nn.Module, *, albef: str | None = None, vit: str | Non
     if vit:
         take(vit, load_vit(task.model, read_state_dict(vit)))
     if bert:
-        take(bert, load_hf_bert(task.model, read_state_dict(_hf_weights_file(Path(bert)))))
+        take(bert, load_hf_bert(task.model, read_state_dict(bert)))
     if vit or bert:
         task.reset_momentum_()  # ALBEF: momentum encoders start as copies of the initialised ones
     return lines

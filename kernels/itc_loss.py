@@ -178,7 +178,7 @@ if triton is not None:
         Q0_ptr, QM0_ptr, K0_ptr, QU0_ptr,  # direction 0: q, q_m, keys_m (B, D) features; queue (Q, D)
         Q1_ptr, QM1_ptr, K1_ptr, QU1_ptr,  # direction 1 (the same tensors again when there is one)
         Temp_ptr,  # () temperature
-        Work_ptr,  # fp32 workspace: PartM, PartL (R, 2, S, B) each, PartO (R, 2, S, B, D); see _workspace
+        Work_ptr,  # fp32 workspace: PartM, PartL (R, 2, S, B) each, PartO (R, 2, S, B, D); layout in _triton_forward
         Sim_ptr,  # (R, B, B) fp32: in-batch logits of the online rows
         Count_ptr,  # (R,) int32: the combine kernel's arrival counters, zeroed here
         stride_q0, stride_qm0, stride_k0, stride_qu0,  # row strides (the last dim is contiguous)

@@ -88,7 +88,7 @@ class DataEvents:
 
     def state_dict(self) -> dict[str, int]:
         """The totals over all processes, {event name: count} as plain ints (for the checkpoint)."""
-        return {name: int(v) for name, v in self.totals().items()}
+        return self.totals()  # tolist() already gives Python ints
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from saved totals (call before iterating the loader): the main process's row gets the

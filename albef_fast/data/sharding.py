@@ -32,6 +32,8 @@ class AccumulationBatchSampler(Sampler[list[tuple[int, int]]]):
             raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
         slots = world_size * accum_steps
         self.slots = [make(a * world_size + rank, slots) for a in range(accum_steps)]
+        for s in self.slots[1:]:  # one epoch order (and its cache) for all slots, not one per slot
+            s.permutation = self.slots[0].permutation
         self.accum_steps = accum_steps
         self.batch_size = self.slots[0].batch_size
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -33,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from albef_kernels import ema_update_
 from torch import Tensor
 
 from albef_fast.data.batch import Batch
-from albef_fast.distributed.env import DistEnv, barrier, gather_rows
+from albef_fast.distributed.env import DistEnv, barrier, gather_objects, gather_rows
 from albef_fast.models.albef import TEMP_MAX, TEMP_MIN
 from albef_fast.task import PretrainOutput, PretrainTask
 from albef_fast.train.checkpoint import (
@@ -111,15 +109,11 @@ class TorchEngine:
     def after_step(self, outputs: Sequence[PretrainOutput]) -> None:
         self.task.after_step(outputs, gather=gather_rows)
 
-    def full_state(self) -> dict[str, Tensor] | None:
-        """The whole task state_dict on rank 0 (None elsewhere); a collective under ZeRO-3."""
-        return self.task.state_dict() if self.env.is_main else None
-
     # --- checkpoints: one file, written by rank 0, with every rank's RNG state ----------------------------
     def save(self, out_dir: Path, pos: RunPosition, config: dict[str, Any], rank_state: dict[str, Any]) -> None:
         """Rank 0 writes the one file; `rank_state` (this rank's data-event counts, ...) and the RNG state of
         every rank go in with it."""
-        ranks = _gather_objects({**rank_state, "rng": rng_state()})
+        ranks = gather_objects({**rank_state, "rng": rng_state()})
         if self.env.is_main:
             save_checkpoint(out_dir, self.task, self.optimizer, pos, config,
                             extra={"world_size": self.env.world_size, "strategy": self.strategy, "ranks": ranks})
@@ -266,12 +260,7 @@ class DeepSpeedEngine:
         if self.env.is_main:
             pointer = {"format": DEEPSPEED_FORMAT, "tag": tag, "step": pos.step, "strategy": self.strategy,
                        "world_size": self.env.world_size}
-            tmp = out_dir / (DEEPSPEED_LATEST + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(json.dumps(pointer))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out_dir / DEEPSPEED_LATEST)
+            write_atomic(out_dir / DEEPSPEED_LATEST, json.dumps(pointer).encode())
             tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
             for old in tags[: max(0, len(tags) - self.keep)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -334,14 +323,6 @@ def _directly_used_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter
     if isinstance(getattr(model, "temp", None), torch.nn.Parameter):
         params.append(model.temp)
     return params
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _restore_rank_rng(rngs: list[dict[str, Any]], env: DistEnv) -> None:

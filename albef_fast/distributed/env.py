@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -141,6 +142,16 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / W
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order (a host-side collective); [obj] for one process."""
+    W = world_size()
+    if W == 1:
+        return [obj]
+    out: list[Any] = [None] * W
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

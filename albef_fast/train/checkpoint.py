@@ -55,12 +55,16 @@ def restore_rng_state(state: dict[str, Any]) -> None:
                          "pos": n["pos"]}, "has_gauss": n["has_gauss"], "gauss": n["cached_gaussian"]})
 
 
-def write_atomic(path: Path, state: dict[str, Any]) -> Path:
-    """torch.save to a temporary name, fsync, rename: `path` is either the old file or the whole new one."""
+def write_atomic(path: Path, state: dict[str, Any] | bytes) -> Path:
+    """torch.save `state` (or write raw bytes) to a temporary name, fsync, rename: `path` is either the
+    old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(state, f)
+        if isinstance(state, bytes):
+            f.write(state)
+        else:
+            torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

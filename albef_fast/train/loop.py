@@ -32,15 +32,15 @@ from albef_fast.distributed.env import (
     barrier,
     destroy_process_group,
     env_from_launcher,
+    gather_objects,
     init_process_group,
-    world_size,
 )
 from albef_fast.models.albef import ALBEF
 from albef_fast.models.presets import get_preset
 from albef_fast.models.queue import check_queue_size
 from albef_fast.task import PretrainOutput, PretrainTask
 from albef_fast.train.checkpoint import CheckpointError, RunPosition
-from albef_fast.train.metrics import TRACKED, MetricsLogger, plot_losses, read_metrics
+from albef_fast.train.metrics import MetricsLogger, plot_losses, read_metrics
 from albef_fast.train.optim import build_optimizer
 from albef_fast.train.schedule import alpha_at, lr_at
 
@@ -182,7 +182,7 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
     metrics_path = out_dir / "metrics.jsonl"
     loaded = engine.load(out_dir) if cfg.resume else None
     if env.is_distributed:  # every rank must continue from the same step (output_dir on a shared filesystem)
-        steps = _gather_ints(loaded[0].step if loaded is not None else -1)
+        steps = gather_objects(loaded[0].step if loaded is not None else -1)
         if len(set(steps)) > 1:
             raise CheckpointError(f"the ranks found different checkpoints in {out_dir} (steps by rank, -1 = none: "
                                   f"{steps}): output_dir must be one folder on a filesystem every node shares")
@@ -243,8 +243,7 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
                 # the position to resume from: the next step, or the start of the next epoch
                 last = it + 1 == steps_per_epoch
                 pos = RunPosition(pos.step + 1, epoch + last, 0 if last else it + 1)
-                metrics.update([torch.stack([getattr(o, k) for o in outs]).mean() for k in TRACKED], global_batch,
-                               data_wait)
+                metrics.update(outs, global_batch, data_wait)
                 outs, data_wait = [], 0.0
                 if pos.step % cfg.log_every == 0 or pos.step == total_steps:
                     row = metrics.log(pos.step, {"epoch": epoch, "lr": lr, "alpha": round(alpha, 4)})  # host sync
@@ -269,7 +268,8 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
     if strategy.startswith("zero"):  # the weights in a form every tool reads (convert, init_from, eval)
         _export_weights(engine, task, out_dir / "weights", env)
     summary.steps, summary.final_metrics = pos.step, row
-    events = _sum_over_ranks(dataset.events.totals())  # bad / converted samples met by the loaders
+    per_rank = gather_objects(dataset.events.totals())  # bad / converted samples met by every rank's loader
+    events = {k: sum(c.get(k, 0) for c in per_rank) for k in per_rank[0]}
     summary.data_stats.update(events)
     log.info("data: samples replaced or converted this run: %s", {k: v for k, v in events.items() if v})
     if evaluate and cfg.eval.after_training:
@@ -291,14 +291,6 @@ def _export_weights(engine: Any, task: PretrainTask, folder: Path, env: DistEnv)
     barrier()
 
 
-def _gather_ints(value: int) -> list[int]:
-    import torch.distributed as dist
-
-    everyone: list[Any] = [None] * world_size()
-    dist.all_gather_object(everyone, value)
-    return everyone
-
-
 class DistributedRunError(RuntimeError):
     """A distributed run stopped because a collective failed (a rank died or timed out)."""
 
@@ -312,16 +304,6 @@ def _is_collective_failure(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(word in text for word in ("gloo", "nccl", "connection reset", "connection closed", "timed out"))
-
-
-def _sum_over_ranks(counts: dict[str, int]) -> dict[str, int]:
-    if world_size() == 1:
-        return counts
-    import torch.distributed as dist
-
-    everyone: list[Any] = [None] * world_size()
-    dist.all_gather_object(everyone, counts)
-    return {k: sum(c.get(k, 0) for c in everyone) for k in counts}
 
 
 def _retrieval_fn(cfg: TrainConfig, eval_file: str | None, model_cfg: Any, device: torch.device, env: DistEnv,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,10 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
 
-    def update(self, values: list[Tensor], batch_size: int, data_wait: float) -> None:
-        """Accumulate detached scalars (TRACKED, in order) on their device (no synchronisation)."""
-        vals = torch.stack([x.detach().float() for x in values])
+    def update(self, outputs: Sequence[Any], batch_size: int, data_wait: float) -> None:
+        """Accumulate one step's TRACKED fields (averaged over its micro-batches' outputs) on their device,
+        without synchronisation."""
+        vals = torch.stack([torch.stack([getattr(o, k).detach().float() for k in TRACKED]) for o in outputs]).mean(0)
         self.sums = vals if self.sums is None else self.sums + vals
         self.count += 1
         self.samples += batch_size

@@ -387,3 +387,17 @@ def test_pretrain_starts_from_deit_and_bert_weights(tmp_path, capsys):
     assert not torch.equal(again["queues.image"], task["queues.image"])  # seed 7's fresh queue
     assert main(["pretrain", *[a.replace("run", "run2") for a in args], f"model.init_vit={tmp_path / 'nothing.pth'}"]) == 2
     assert "nothing.pth does not exist" in capsys.readouterr().err
+
+
+def test_init_from_a_folder_holding_a_bare_model(tmp_path):
+    """model.init_from with a weights folder of an ALBEF model (no queues): the online and momentum models
+    start from its weights."""
+    from albef_fast.task import PretrainTask
+
+    src = ALBEF(get_preset("albef_tiny"))
+    W.save_pretrained(src, tmp_path / "w")
+    task = PretrainTask(ALBEF(get_preset("albef_tiny")), queue_size=32)
+    W.initialise_task(task, albef=str(tmp_path / "w"))
+    for name, p in src.state_dict().items():
+        torch.testing.assert_close(task.model.state_dict()[name], p, rtol=0, atol=0)
+    torch.testing.assert_close(task.model_m.visual_encoder.pos_embed, src.visual_encoder.pos_embed, rtol=0, atol=0)
