@@ -81,6 +81,63 @@ def measure(samples, backend: str, args, prefetch: int) -> list[float]:
     return rates
 
 
+def breakdown(samples, backend: str, args) -> list[tuple[str, list[float]]]:
+    """Where a DALI backend's time goes: each stage alone, images/s (one rate per epoch, sorted).
+
+    host          the DataLoader of encoded batches (workers: read, validate, draw params, tokenise, mask)
+    dali          the DALI stage alone on those batches held in memory (no workers, no prefetch thread)
+    dali-no-eq    the same with every Equalize op replaced by Identity (Equalize is a Python operator)
+    dali-no-ra    the same with no RandomAugment op (decode, crop-resize, flip, normalise)
+    The slowest of host and dali bounds the loader; dali vs dali-no-eq / -no-ra prices the ops.
+    """
+    import dataclasses
+
+    from albef_fast.data.dali import DaliImagePipeline
+
+    ds = PretrainDataset(samples, ImageTransform(args.size, "pretrain"), image_mode="encoded")
+    sampler = ResumableBatchSampler(len(ds), args.batch, seed=0)
+    loader = build_loader(ds, sampler, backend, num_workers=args.workers, pin_memory=False,
+                          dali_threads=args.dali_threads, dali_prefetch=0)
+    pipe = DaliImagePipeline(args.size, "pretrain", args.batch, device="gpu" if backend == "dali" else "cpu",
+                             num_threads=args.dali_threads)
+    sync = torch.cuda.synchronize if backend == "dali" else (lambda: None)
+
+    def timed(fn) -> list[float]:
+        fn()  # warm-up: workers started, pipeline built
+        rates = []
+        for _ in range(args.epochs):
+            t0 = time.perf_counter()
+            n = fn()
+            sync()
+            rates.append(n / (time.perf_counter() - t0))
+        return sorted(rates)
+
+    held: list = []
+
+    def host() -> int:
+        held.clear()
+        sampler.set_epoch(0)
+        held.extend(loader.loader)  # the DaliLoader's DataLoader of EncodedBatch
+        return sum(len(b.encoded) for b in held)
+
+    def without(drop: set[str] | None):
+        def strip(p):
+            keep = () if drop is None else tuple(op for op in p.ops if op[0] not in drop)
+            return dataclasses.replace(p, ops=keep)
+        batches = [(b.encoded, b.params if drop == set() else [strip(p) for p in b.params]) for b in held]
+
+        def run() -> int:
+            for encoded, params in batches:
+                pipe(encoded, params)
+            return sum(len(e) for e, _ in batches)
+        return run
+
+    out = [("host", timed(host))]
+    for name, drop in (("dali", set()), ("dali-no-eq", {"Equalize"}), ("dali-no-ra", None)):
+        out.append((name, timed(without(drop))))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backends", nargs="+", default=["pil", "dali_cpu"], choices=["pil", "dali_cpu", "dali"])
@@ -94,6 +151,8 @@ def main() -> None:
     p.add_argument("--dali-prefetch", type=int, nargs="+", default=[2],
                    help="batches the DALI stage decodes ahead in its thread; several values: one run each")
     p.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch (sleep)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="for each DALI backend, also time its stages alone (host workers, DALI stage, ops)")
     p.add_argument("--csv", default=None, help="append rows here (benchmarks/results/dataloader.csv)")
     args = p.parse_args()
     torch.set_num_threads(max(1, args.dali_threads))
@@ -125,6 +184,16 @@ def main() -> None:
                             shape_config=f"src={args.src_size[0]}x{args.src_size[1]},size={args.size},B={args.batch},"
                                          f"dali_threads={args.dali_threads},n={args.images},step_ms={args.step_ms:g}",
                             gpu=machine))
+        for backend in [b for b in args.backends if b != "pil"] if args.breakdown else []:
+            for stage, rates in breakdown(samples, backend, args):
+                p50 = float(np.median(rates))
+                print(f"  {backend} stage {stage:12s} {p50:8.1f} images/s  (min {rates[0]:.1f}, max {rates[-1]:.1f})")
+                rows.append(Row(op="dataloader_stage", provider=f"{backend}:{stage}", mode="pretrain",
+                                metric="throughput", unit="images/s", x_name="workers", x=args.workers, p50=p50,
+                                p20=rates[0], p80=rates[-1], dtype="uint8->fp32",
+                                shape_config=f"src={args.src_size[0]}x{args.src_size[1]},size={args.size},"
+                                             f"B={args.batch},dali_threads={args.dali_threads},n={args.images}",
+                                gpu=machine))
     if args.csv:
         append_rows(args.csv, rows)
 

@@ -19,6 +19,7 @@ checkpoint from which 2 processes (or 1 with accumulation) continue to the unint
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,15 @@ from albef_fast.train.metrics import read_metrics
 from tests.dist_worker import load_dump, run
 
 STEPS, LR = 4, 1e-4
+
+
+def discard(*runs: Path) -> None:
+    """Delete a passed test's run folders (checkpoints: ~0.3 GB per ZeRO run) so the suite's disk use
+    stays bounded; a failing test keeps them for inspection."""
+    for out in runs:
+        shutil.rmtree(out, ignore_errors=True)
+        for dumped in out.parent.glob(f"{out.name}-rank*"):  # state dumps and error reports
+            dumped.unlink()
 
 
 def needs_deepspeed(strategy: str) -> None:
@@ -112,6 +122,7 @@ def test_two_processes_match_one_process(reference, strategy):
         exported = load_pretrained(out / "weights").state_dict()  # what convert / model.init_from read
         dumped = load_dump(out, 0)
         assert all(torch.equal(v, dumped[k].reshape(v.shape)) for k, v in exported.items())
+    discard(out)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
@@ -130,6 +141,7 @@ def test_a_dead_rank_fails_clearly_and_the_run_resumes(reference, strategy):
     rows = read_metrics(out / "metrics.jsonl")  # the lines of the interrupted run after step 2 are gone
     for rank in (0, 1):
         assert_same_run(rows, load_dump(out, rank), ref_rows, ref_state, exact=strategy != "zero3")
+    discard(out)
 
 
 def test_a_ddp_checkpoint_resumes_on_one_process(reference):
@@ -140,6 +152,7 @@ def test_a_ddp_checkpoint_resumes_on_one_process(reference):
     assert run(2, first) == [0, 0]
     assert run(1, overrides(out, root / "cache", "optim.grad_accum_steps=2"), dump=out) == [0]
     assert_same_run(read_metrics(out / "metrics.jsonl"), load_dump(out, 0), ref_rows, ref_state, exact=True)
+    discard(out)
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +179,7 @@ def test_gradient_clipping_matches_one_process(clipped_reference, reference, str
     for rank in (0, 1):
         assert_same_run(read_metrics(out / "metrics.jsonl"), load_dump(out, rank), ref_rows, ref_state,
                         exact=strategy == "ddp")
+    discard(out)
 
 
 def test_ddp_resume_restores_every_rank_rng(reference):
@@ -185,6 +199,7 @@ def test_ddp_resume_restores_every_rank_rng(reference):
     for rank in (0, 1):
         straight, resumed = load_dump(root / "rng-straight", rank), load_dump(out, rank)
         assert all(torch.equal(v, resumed[k]) for k, v in straight.items())
+    discard(out, root / "rng-straight")
 
 
 def test_zero_checkpoints_refuse_another_world_size(reference):
@@ -197,6 +212,7 @@ def test_zero_checkpoints_refuse_another_world_size(reference):
     assert codes != [0]
     err = Path(f"{out}-rank0.err").read_text()
     assert "written by zero1 on 2 ranks; this run is zero1 on 1" in err, err
+    discard(out)
 
 
 # --- units (no processes) ------------------------------------------------------------------------------------
