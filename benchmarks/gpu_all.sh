@@ -22,7 +22,7 @@ PARTS=(
   "parity 190 benchmarks/gpu_parity.sh"
   "step 75 benchmarks/gpu_step.sh"
   "distributed 200 benchmarks/gpu_distributed.sh"
-  "dali 60 benchmarks/gpu_data.sh"
+  "dali 150 benchmarks/gpu_data.sh"
 )
 for part in "${PARTS[@]}"; do
     read -r name limit script <<< "$part"
