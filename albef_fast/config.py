@@ -175,15 +175,18 @@ class DistributedConfig:
     """Collective backend; auto = nccl on CUDA, gloo on the CPU."""
     timeout_s: float = 1800.0
     """A collective that waits longer than this fails (a rank died or hangs) instead of hanging forever."""
+    eval_timeout_s: float = 21600.0
+    """How long the other ranks wait while rank 0 works alone: retrieval evaluation, writing the weights or
+    a checkpoint, generating the demo data. Waited on a separate gloo group, so it may exceed timeout_s."""
     offload_optimizer: bool = False
     """zero2/zero3: keep the optimizer state in host memory (DeepSpeed offload_optimizer: cpu)."""
     keep_checkpoints: int = 2
     """DeepSpeed strategies: checkpoint folders kept (the newest ones; >= 1)."""
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.keep_checkpoints < 1:
-            raise ValueError(f"distributed.timeout_s must be > 0 and distributed.keep_checkpoints >= 1, got "
-                             f"{self.timeout_s}, {self.keep_checkpoints}")
+        if self.timeout_s <= 0 or self.eval_timeout_s <= 0 or self.keep_checkpoints < 1:
+            raise ValueError(f"distributed.timeout_s and eval_timeout_s must be > 0 and distributed.keep_checkpoints "
+                             f">= 1, got {self.timeout_s}, {self.eval_timeout_s}, {self.keep_checkpoints}")
 
 
 @dataclass(kw_only=True)

@@ -46,7 +46,7 @@ def _deterministic_negatives(self, sims):
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], dump: str | None, die_at_step: int | None,
-            seams: bool) -> None:
+            seams: bool, slow_eval_s: float) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     faulthandler.enable()
@@ -89,6 +89,18 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], dump: str | 
         real_destroy()
 
     loop.build_engine, loop.destroy_process_group = build_engine, destroy
+    if slow_eval_s and rank == 0:  # rank 0's retrieval evaluation takes slow_eval_s longer
+        import time
+
+        from albef_fast.eval import retrieval
+
+        real_evaluate = retrieval.evaluate_retrieval_file
+
+        def slow_evaluate(*args, **kwargs):
+            time.sleep(slow_eval_s)
+            return real_evaluate(*args, **kwargs)
+
+        retrieval.evaluate_retrieval_file = slow_evaluate
     try:
         loop.train(load_config("demo", overrides))
     except BaseException as exc:  # the test reads what each rank reported
@@ -115,13 +127,14 @@ def _dump(engine: Any, path: str) -> None:
 
 
 def run(world: int, overrides: list[str], *, dump: str | Path | None = None, die_at_step: int | None = None,
-        timeout: float = 600, seams: bool = True) -> list[int]:
+        timeout: float = 600, seams: bool = True, slow_eval_s: float = 0.0) -> list[int]:
     """Start `world` processes running `train(load_config("demo", overrides))`; returns their exit codes.
-    seams=False: dropout on and random hard negatives (the production draws)."""
+    seams=False: dropout on and random hard negatives (the production draws). slow_eval_s: rank 0 sleeps
+    this long before each retrieval evaluation."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, overrides, str(dump) if dump else None, die_at_step,
-                                               seams))
+                                               seams, slow_eval_s))
              for r in range(world)]
     for p in procs:
         p.start()

@@ -36,7 +36,7 @@ from albef_kernels import ema_update_
 from torch import Tensor
 
 from albef_fast.data.batch import Batch
-from albef_fast.distributed.env import DistEnv, barrier, gather_objects, gather_rows
+from albef_fast.distributed.env import DistEnv, barrier, gather_objects, gather_rows, wait_for_main
 from albef_fast.models.albef import TEMP_MAX, TEMP_MIN
 from albef_fast.task import PretrainOutput, PretrainTask
 from albef_fast.train.checkpoint import (
@@ -117,7 +117,7 @@ class TorchEngine:
         if self.env.is_main:
             save_checkpoint(out_dir, self.task, self.optimizer, pos, config,
                             extra={"world_size": self.env.world_size, "strategy": self.strategy, "ranks": ranks})
-        barrier()
+        wait_for_main("checkpoint write")
 
     def load(self, out_dir: Path) -> tuple[RunPosition, dict[str, Any], int, list[dict[str, Any]]] | None:
         """Restore the latest checkpoint of `out_dir` if there is one: (position, its config, the number

@@ -79,10 +79,16 @@ def skip_deepspeed_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+_WAIT_GROUP: Any = None  # gloo group of `wait_for_main`, made by init_process_group
+_WAIT_TIMEOUT_S = 0.0
+
+
 def init_process_group(env: DistEnv, device: torch.device, backend: str, timeout_s: float,
-                       *, deepspeed: bool) -> None:
+                       *, deepspeed: bool, wait_timeout_s: float | None = None) -> None:
     """Join the job's process group (env:// rendezvous), also for one process (DDP and DeepSpeed need a
-    group). A collective that waits more than `timeout_s` raises instead of hanging (a dead or stuck rank)."""
+    group). A collective that waits more than `timeout_s` raises instead of hanging (a dead or stuck rank).
+    `wait_timeout_s` (default `timeout_s`): how long `wait_for_main` waits for rank 0's solo work."""
+    global _WAIT_GROUP, _WAIT_TIMEOUT_S
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.setdefault("RANK", str(env.rank))
@@ -100,6 +106,9 @@ def init_process_group(env: DistEnv, device: torch.device, backend: str, timeout
         ds.init_distributed(dist_backend=backend, timeout=timeout)
     elif not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
+    # all ranks create it, in the same order, right after the default group
+    _WAIT_TIMEOUT_S = wait_timeout_s or timeout_s
+    _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=_WAIT_TIMEOUT_S))
     log.info("process group: rank %d of %d (local rank %d), backend %s", env.rank, env.world_size, env.local_rank,
              dist.get_backend())
 
@@ -113,8 +122,10 @@ def _free_port() -> int:
 
 
 def destroy_process_group() -> None:
+    global _WAIT_GROUP
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the wait group too
+    _WAIT_GROUP = None
 
 
 def world_size() -> int:
@@ -157,3 +168,32 @@ def gather_objects(obj: Any) -> list[Any]:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+class MainRankWaitError(RuntimeError):
+    """The other ranks waited longer than distributed.eval_timeout_s for rank 0's solo work."""
+
+
+def wait_for_main(what: str) -> None:
+    """The other ranks wait here while rank 0 works alone (`what`: an evaluation, writing weights or a
+    checkpoint, generating data), then all go on together.
+
+    The wait is a barrier on a separate gloo group with its own, longer timeout (`init_process_group`'s
+    wait_timeout_s = distributed.eval_timeout_s), not on the training group: a retrieval evaluation on rank 0
+    may take longer than distributed.timeout_s, which is sized for one training collective. The waiting
+    ranks issue no NCCL work, so no NCCL watchdog fires; if rank 0 dies its sockets close and the wait
+    ends with an error at once.
+
+    Args:
+        what: the solo work, for the error message.
+    """
+    if world_size() == 1:
+        return
+    if _WAIT_GROUP is None:
+        raise RuntimeError("wait_for_main needs init_process_group first")
+    try:
+        dist.barrier(group=_WAIT_GROUP)
+    except RuntimeError as exc:
+        raise MainRankWaitError(
+            f"rank {dist.get_rank()}: the wait for rank 0's {what} failed ({exc}). Either a rank died (see its "
+            f"error) or the {what} took longer than distributed.eval_timeout_s={_WAIT_TIMEOUT_S:g}") from exc

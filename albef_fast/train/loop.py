@@ -29,11 +29,11 @@ from albef_fast.distributed.engine import build_engine, has_checkpoint, resolve_
 from albef_fast.distributed.env import (
     DistEnv,
     all_reduce_mean,
-    barrier,
     destroy_process_group,
     env_from_launcher,
     gather_objects,
     init_process_group,
+    wait_for_main,
 )
 from albef_fast.models.albef import ALBEF
 from albef_fast.models.presets import get_preset
@@ -131,7 +131,7 @@ def train(cfg: TrainConfig) -> RunSummary:
     device = resolve_device(cfg.device, env.local_rank)
     if strategy != "none":
         init_process_group(env, device, cfg.distributed.backend, cfg.distributed.timeout_s,
-                           deepspeed=strategy.startswith("zero"))
+                           deepspeed=strategy.startswith("zero"), wait_timeout_s=cfg.distributed.eval_timeout_s)
     try:
         return _train(cfg, env, strategy, device)
     finally:
@@ -153,7 +153,7 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         train_files, eval_file = resolve_data_files(cfg, model_cfg.image_size)  # generates the scene data once
-    barrier()
+    wait_for_main("data generation")
     if not env.is_main:
         train_files, eval_file = resolve_data_files(cfg, model_cfg.image_size)
     dataset, sampler, loader, stats = build_training_data(
@@ -288,7 +288,7 @@ def _export_weights(engine: Any, task: PretrainTask, folder: Path, env: DistEnv)
         plain.load_state_dict(state)
         save_pretrained(plain, folder)
         log.info("weights written to %s (albef-fast folder: convert, model.init_from)", folder)
-    barrier()
+    wait_for_main("weights export")
 
 
 class DistributedRunError(RuntimeError):
@@ -327,7 +327,7 @@ def _retrieval_fn(cfg: TrainConfig, eval_file: str | None, model_cfg: Any, devic
                                              batch_size=cfg.eval.batch_size, device=device,
                                              autocast=autocast_for(cfg.precision, device))
             print(f"zero-shot retrieval {label} ({Path(eval_file).name}): {format_recalls(result)}", flush=True)
-        barrier()
+        wait_for_main(f"retrieval evaluation {label}")
         return result
 
     return run
