@@ -2,6 +2,8 @@
 # Every prepared GPU check in one device call (the device tool returns at most 8 files, so the
 # per-topic outputs are packed into one archive). Per-part time limits keep the call predictable.
 #   run: bash benchmarks/gpu_all.sh [part ...]   (parts below; gpu_wheels/ must be carried for 'distributed')
+# The part limits add up to more than one device call (600 s) and a session's device budget (15 min):
+# name the parts for each call, e.g. `itc ema_mlm parity` (450 s) or `dali` (with the DALI wheels).
 set -uo pipefail
 FINAL=${OUT:-/tmp/albef_gpu_out}
 WORK=$(mktemp -d)

@@ -264,7 +264,7 @@ class DeepSpeedEngine:
             tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
             for old in tags[: max(0, len(tags) - self.keep)]:
                 shutil.rmtree(old, ignore_errors=True)
-        barrier()
+        wait_for_main("checkpoint pointer update")
 
     def load(self, out_dir: Path) -> tuple[RunPosition, dict[str, Any], int, list[dict[str, Any]]] | None:
         """Restore the checkpoint `checkpoint-latest.json` points to (same strategy and number of ranks);

@@ -181,8 +181,9 @@ def wait_for_main(what: str) -> None:
     The wait is a barrier on a separate gloo group with its own, longer timeout (`init_process_group`'s
     wait_timeout_s = distributed.eval_timeout_s), not on the training group: a retrieval evaluation on rank 0
     may take longer than distributed.timeout_s, which is sized for one training collective. The waiting
-    ranks issue no NCCL work, so no NCCL watchdog fires; if rank 0 dies its sockets close and the wait
-    ends with an error at once.
+    ranks issue no NCCL work, so no NCCL watchdog fires; if rank 0's process exits its sockets close and
+    the wait ends with an error at once (a lost node or a hung rank 0 is only noticed after the timeout).
+    Over several nodes gloo picks its network interface itself; set GLOO_SOCKET_IFNAME where that is wrong.
 
     Args:
         what: the solo work, for the error message.

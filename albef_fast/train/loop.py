@@ -28,6 +28,7 @@ from albef_fast.data.loader import build_training_data
 from albef_fast.distributed.engine import build_engine, has_checkpoint, resolve_strategy
 from albef_fast.distributed.env import (
     DistEnv,
+    MainRankWaitError,
     all_reduce_mean,
     destroy_process_group,
     env_from_launcher,
@@ -254,8 +255,8 @@ def _train(cfg: TrainConfig, env: DistEnv, strategy: str, device: torch.device) 
                 break
         save()
     except RuntimeError as exc:
-        if not (env.is_distributed and _is_collective_failure(exc)):
-            raise
+        if isinstance(exc, MainRankWaitError) or not (env.is_distributed and _is_collective_failure(exc)):
+            raise  # a failed wait for rank 0 names its own setting (distributed.eval_timeout_s)
         raise DistributedRunError(
             f"rank {env.rank} of {env.world_size} stopped at step {pos.step}: {exc}. A collective failure usually "
             f"means another rank died (see its error) or stalled past distributed.timeout_s="
