@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -284,13 +284,30 @@ def _text_group(name: str, text_layers: int) -> str:
     return head
 
 
-def run_reference(case_inputs: dict, reference: str, albef_dir: str | None, timeout: float = 1800) -> dict:
+def reference_inputs(case: Case, flavour: str) -> dict:
+    """What reference_side.py reads (inputs.pt) for `case`: config, weights in the reference's layout
+    (`flavour` "lavis" or "albef"), images, tokens, the MLM mask and labels, negatives, alpha, dtype."""
+    task, cfg = case.task, case.task.model.config
+    labels = torch.full_like(case.batch.text_ids, -100).flatten()
+    labels[case.batch.mlm_positions] = case.batch.mlm_labels
+    return {
+        "config": {**asdict(cfg), "queue_size": task.queues.size, "momentum": task.momentum, "alpha": case.alpha},
+        "state_dict": reference_state_dict(task, flavour),
+        "image": case.batch.image, "ids": case.batch.text_ids, "mask": case.batch.text_mask,
+        "mlm_ids": case.batch.mlm_ids, "mlm_labels": labels.view_as(case.batch.text_ids),
+        "neg_image": case.neg_image, "neg_text": case.neg_text, "alpha": case.alpha, "dtype": "float32",
+    }
+
+
+def run_reference(case_inputs: dict, reference: str, albef_dir: str | None, timeout: float = 1800,
+                  extra_args: Sequence[str] = ()) -> dict:
     """Run reference_side.py in the reference environment on `case_inputs` (its "dtype" entry,
-    "float32" or "float64", is the precision the reference runs in); returns its outputs."""
+    "float32" or "float64", is the precision the reference runs in); returns its outputs.
+    extra_args: more reference_side.py arguments (`--time-steps N`)."""
     workdir = Path(tempfile.mkdtemp(prefix=f"albef-parity-{reference}-"))
     try:
         torch.save(case_inputs, workdir / "inputs.pt")
-        cmd = [str(reference_python(reference)), str(REFERENCE_SIDE), reference, str(workdir)]
+        cmd = [str(reference_python(reference)), str(REFERENCE_SIDE), reference, str(workdir), *extra_args]
         if albef_dir:
             cmd += ["--albef-dir", albef_dir]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONNOUSERSITE": "1"}
@@ -443,16 +460,8 @@ def parity_vs_reference(preset: str = "tiny", reference: str = "lavis", *, albef
     flavour = "lavis" if reference == "lavis" else "albef"
     case = make_case(preset, batch_size=batch_size, seed=seed)
     fingerprint = _fingerprint(case)
-    task, cfg, B = case.task, case.task.model.config, case.batch.size
-    labels = torch.full_like(case.batch.text_ids, -100).flatten()
-    labels[case.batch.mlm_positions] = case.batch.mlm_labels
-    inputs = {
-        "config": {**asdict(cfg), "queue_size": task.queues.size, "momentum": task.momentum, "alpha": case.alpha},
-        "state_dict": reference_state_dict(task, flavour),
-        "image": case.batch.image, "ids": case.batch.text_ids, "mask": case.batch.text_mask,
-        "mlm_ids": case.batch.mlm_ids, "mlm_labels": labels.view_as(case.batch.text_ids),
-        "neg_image": case.neg_image, "neg_text": case.neg_text, "alpha": case.alpha, "dtype": "float32",
-    }
+    task, B = case.task, case.batch.size
+    inputs = reference_inputs(case, flavour)
     info = {"reference": reference, "preset": PRESET_ALIASES.get(preset, preset), "batch": B,
             "text_len": case.batch.text_ids.shape[1], "queue": task.queues.size}
     reference_code = ("salesforce-lavis 1.0.2 modules" if reference == "lavis"

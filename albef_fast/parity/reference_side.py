@@ -2,7 +2,7 @@
 (.venv-lavis or .venv-albef), never inside ours: it imports no albef_fast module, only torch and the
 reference code. Written for this project; it drives the reference's own forward, it copies none of it.
 
-    python reference_side.py {lavis|original} WORKDIR [--albef-dir PATH]
+    python reference_side.py {lavis|original} WORKDIR [--albef-dir PATH] [--time-steps N]
 
 Reads WORKDIR/inputs.pt (written by albef_fast.parity.harness): the reference model's config, the
 state_dict in the reference's key layout (made by our converter), images, token ids, attention mask,
@@ -14,6 +14,12 @@ tokenisation, the MLM mask and the negatives, runs ONE forward of the reference'
 summed loss and writes WORKDIR/outputs.pt: features (captured by forward hooks), the in-batch
 similarities, ITM logits, the three losses, the gradient of every parameter and the state after the
 step (momentum weights, queues, pointer).
+
+--time-steps N (benchmarks/bench_reference_step.py): after that step, N + 1 more training steps of the
+reference as its training script runs them (forward with its own EMA, hard-negative draws and enqueue,
+backward, AdamW step), each timed; the first is a warm-up. The injected MLM mask stays (the reference's
+masking is a few elementwise ops); the negatives are drawn by the reference's own torch.multinomial loop.
+outputs.pt then also holds "step_seconds" (N floats).
 
 Import route (REFERENCE §7.1): the `lavis` and `lavis.models` package __init__s import every model
 family and dataset builder, so both are registered as bare package modules (their __path__ set) and
@@ -211,10 +217,36 @@ def build_original(c: dict, tokenizer, albef_dir: str, workdir: Path) -> nn.Modu
     return model
 
 
+def _time_steps(model: nn.Module, flavour: str, inp: dict, image: torch.Tensor, steps: int) -> list[float]:
+    """Wall-clock seconds of `steps` training steps of the reference (after one untimed warm-up step)."""
+    import time
+
+    B = inp["ids"].shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]  # the momentum encoders have none
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02)  # ALBEF's optimizer
+    seconds = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if flavour == "lavis":
+            out = model({"image": image, "text_input": ["injected"] * B, "epoch": 2, "iters": 0,
+                         "num_iters_per_epoch": 1})
+            loss = out.loss_itc + out.loss_itm + out.loss_mlm
+        else:
+            loss = sum(model(image, _Encoding(inp["ids"], inp["mask"]), alpha=inp["alpha"]))
+        loss.backward()
+        opt.step()
+        if i:
+            seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
 def main(argv: list[str]) -> int:
     flavour, workdir = argv[0], Path(argv[1])
     albef_dir = argv[argv.index("--albef-dir") + 1] if "--albef-dir" in argv else os.environ.get("ALBEF_REFERENCE_DIR")
     torch.set_num_threads(int(os.environ.get("PARITY_THREADS", "2")))
+    if "--time-steps" in argv:  # the optimizer imports torch._dynamo, which cannot import under the stubs
+        importlib.import_module("torch._dynamo")
     _install_stubs()
     inp = torch.load(workdir / "inputs.pt", weights_only=True)
     c = inp["config"]
@@ -286,6 +318,8 @@ def main(argv: list[str]) -> int:
     }
     import transformers
     outputs["versions"]["transformers"] = str(transformers.__version__)
+    if "--time-steps" in argv:
+        outputs["step_seconds"] = _time_steps(model, flavour, inp, image, int(argv[argv.index("--time-steps") + 1]))
     torch.save(outputs, workdir / "outputs.pt")
     return 0
 
