@@ -94,8 +94,13 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str | None = Non
         times.append(1e3 * (time.perf_counter() - t0))
         if time.perf_counter() > budget and i >= 2:
             break
-    qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return statistics.median(times), qs[1], qs[7]
+    return quantiles_ms(times)
+
+
+def quantiles_ms(times_ms: list[float]) -> tuple[float, float, float]:
+    """(p50, p20, p80) of wall-clock samples in ms."""
+    qs = statistics.quantiles(times_ms, n=10, method="inclusive") if len(times_ms) > 1 else times_ms * 9
+    return statistics.median(times_ms), qs[1], qs[7]
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device | str = "cuda") -> float:

@@ -28,15 +28,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._harness import Row, append_rows, device_name  # noqa: E402
+from benchmarks._harness import Row, append_rows, device_name, quantiles_ms  # noqa: E402
 
 from albef_fast.parity.harness import make_case, reference_inputs, run_reference  # noqa: E402
-
-
-def quantiles(seconds: list[float]) -> tuple[float, float, float]:
-    ms = sorted(1e3 * s for s in seconds)
-    q = statistics.quantiles(ms, n=5, method="inclusive") if len(ms) > 1 else ms * 4
-    return statistics.median(ms), q[0], q[3]
 
 
 def time_ours(case, steps: int) -> list[float]:
@@ -77,7 +71,7 @@ def main() -> None:
     rows = []
     results = {"reference (LAVIS ALBEF)": ref["step_seconds"], "albef-fast": ours}
     for name, seconds in results.items():
-        p50, p20, p80 = quantiles(seconds)
+        p50, p20, p80 = quantiles_ms([1e3 * s for s in seconds])
         print(f"{name:24s} {p50:9.1f} ms/step  (p20 {p20:.1f}, p80 {p80:.1f})")
         rows.append(Row("train_step", name, "fwd+bwd+step", "time", "ms", "batch", args.batch, p50, p20, p80,
                         "fp32", shape, gpu=machine))
