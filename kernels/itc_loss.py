@@ -39,7 +39,8 @@ FLOPs 4 * 2B * N * D per direction (two tensor-core GEMMs per key tile, online a
 17.2 GFLOP at B = 64, Q = 65,536, D = 256: memory-bound below B ~ 150 on an H100 (report GB/s there),
 compute-bound above (report TFLOP/s).
 Launches: forward = split-K kernel + combine kernel (no torch op; tests/unit/test_itc_kernel.py counts
-them); backward = two elementwise ops (dot for temp, one product for both queries). At B = 64 the GPU
+them); backward = one kernel (both queries' gradients and temp's) when eager, two elementwise torch ops
+(dot for temp, one product for both queries) under torch.compile, which fuses them. At B = 64 the GPU
 work is tens of us, so the host's launch overhead matters: the benchmark reports the eager time and the
 time replayed from a CUDA graph, and whole-step capture is the lever. torch.compile: the fused paths
 are registered as the op `torch.ops.albef_kernels.itc_loss` (fake implementation + backward), used
@@ -71,6 +72,11 @@ from albef_kernels._dispatch import triton_available, use_triton
 if triton_available():
     import triton
     import triton.language as tl
+
+    try:  # host-built TMA descriptors (Triton >= 3.3); without them the queue tiles load through pointers
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        TensorDescriptor = None
 else:  # the reference and streaming paths still work without Triton
     triton = tl = None
 
@@ -175,8 +181,8 @@ if triton is not None:
 
     @triton.jit
     def _itc_loss_fwd_kernel(
-        Q0_ptr, QM0_ptr, K0_ptr, QU0_ptr,  # direction 0: q, q_m, keys_m (B, D) features; queue (Q, D)
-        Q1_ptr, QM1_ptr, K1_ptr, QU1_ptr,  # direction 1 (the same tensors again when there is one)
+        Q0_ptr, QM0_ptr, K0_ptr, QU0,  # direction 0: q, q_m, keys_m (B, D) features; queue (Q, D): a
+        Q1_ptr, QM1_ptr, K1_ptr, QU1,  # pointer, or a TMA descriptor with USE_TMA; direction 1 likewise
         Temp_ptr,  # () temperature
         Work_ptr,  # fp32 workspace: PartM, PartL (R, 2, S, B) each, PartO (R, 2, S, B, D); layout in _triton_forward
         Sim_ptr,  # (R, B, B) fp32: in-batch logits of the online rows
@@ -188,6 +194,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         LOWP_DOT: tl.constexpr,  # dots in the queue's 16-bit dtype (else fp32 inputs)
         PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 inputs ("tf32x3" on GPU, "ieee")
+        QUEUE_DTYPE: tl.constexpr,  # the queues' element type
+        USE_TMA: tl.constexpr,  # queue tiles through TMA descriptors (block [BLOCK_N, BLOCK_D]) or pointers
     ):
         # The rows of a direction are X = [q; q_m] (2B rows): online and momentum queries share every
         # key, so one program takes up to BLOCK_M of them and loads each key tile once for both (at
@@ -198,12 +206,12 @@ if triton is not None:
         dirn = tl.program_id(2)
         if dirn == 0:
             Q_ptr, QM_ptr, stride_q, stride_qm = Q0_ptr, QM0_ptr, stride_q0, stride_qm0
-            Kb_ptr, stride_kb, Qu_ptr, stride_qu = K0_ptr, stride_k0, QU0_ptr, stride_qu0
+            Kb_ptr, stride_kb, Qu, stride_qu = K0_ptr, stride_k0, QU0, stride_qu0
         else:
             Q_ptr, QM_ptr, stride_q, stride_qm = Q1_ptr, QM1_ptr, stride_q1, stride_qm1
-            Kb_ptr, stride_kb, Qu_ptr, stride_qu = K1_ptr, stride_k1, QU1_ptr, stride_qu1
+            Kb_ptr, stride_kb, Qu, stride_qu = K1_ptr, stride_k1, QU1, stride_qu1
         if LOWP_DOT:
-            dot_ty = QU0_ptr.dtype.element_ty
+            dot_ty = QUEUE_DTYPE
         else:
             dot_ty = tl.float32
         if (pid_r == 0) & (pid_s == 0):  # the combine kernel runs after this one (same stream)
@@ -250,8 +258,11 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):  # this split's queue rows
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < hi
-            k = tl.load(Qu_ptr + offs_n[:, None] * stride_qu + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(dot_ty)
+            if USE_TMA:  # rows past Q and columns past D arrive as zeros; no address registers per element
+                k = Qu.load([start, 0]).to(dot_ty)
+            else:
+                k = tl.load(Qu + offs_n[:, None] * stride_qu + offs_d[None, :],
+                            mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(dot_ty)
             s = tl.dot(x, tl.trans(k), input_precision=PRECISION)
             s = tl.where(n_ok[None, :], s * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -266,7 +277,7 @@ if triton is not None:
         part = ((dirn * 2 + kind) * S + pid_s) * B + offs_i  # (BLOCK_M,) index into (R, 2, S, B)
         tl.store(Work_ptr + part, m_i, mask=row_ok)
         tl.store(Work_ptr + n_part + part, l_i, mask=row_ok)
-        tl.store(Work_ptr + 2 * n_part + part.to(tl.int64)[:, None] * D + offs_d[None, :], acc,
+        tl.store(Work_ptr + 2 * n_part + part[:, None] * D + offs_d[None, :], acc,
                  mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
@@ -287,7 +298,7 @@ if triton is not None:
             idx = base + offs_s * B
             w = tl.exp2(tl.load(PartM_ptr + idx, mask=s_ok, other=float("-inf")) - mx)  # 0 when padded
             l_sum += tl.sum(w * tl.load(PartL_ptr + idx, mask=s_ok, other=0.0), 0)
-            o_s = tl.load(PartO_ptr + idx.to(tl.int64)[:, None] * D + offs_d[None, :],
+            o_s = tl.load(PartO_ptr + idx[:, None] * D + offs_d[None, :],
                           mask=s_ok[:, None] & d_ok[None, :], other=0.0)
             o += tl.sum(w[:, None] * o_s, 0)
         return o / l_sum, mx + tl.log2(l_sum)
@@ -352,9 +363,39 @@ if triton is not None:
             tl.store(Loss_ptr + dirn, tl.sum(l_acc, 0))
             tl.store(Dtemp_ptr + dirn, tl.sum(t_acc, 0))
 
+    @triton.jit
+    def _itc_loss_bwd_kernel(
+        Dq_ptr,  # (R, B*D) fp32: the forward's d(mean loss)/dq per direction
+        Dtemp_ptr,  # (R,) fp32: the forward's d(mean loss)/dT per direction
+        G_ptr,  # (R,) incoming gradient of each direction's loss
+        Gq0_ptr, Gq1_ptr,  # (B*D,) gradient to q of each direction, in q's dtype
+        Gt_ptr,  # (1,) gradient to temp, in temp's dtype
+        n, R, NEED_TEMP: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # The whole backward in one launch: grad_q[r] = g[r] * dq[r] for both directions, and program
+        # (0, 0) also writes grad_temp = sum_r g[r] * dtemp[r] (the eager path's two torch ops were two
+        # launches plus cuBLAS for a 2-element dot).
+        pid = tl.program_id(0)
+        dirn = tl.program_id(1)
+        g = tl.load(G_ptr + dirn).to(tl.float32)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        v = tl.load(Dq_ptr + dirn * n + offs, mask=ok, other=0.0) * g
+        if dirn == 0:
+            tl.store(Gq0_ptr + offs, v.to(Gq0_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(Gq1_ptr + offs, v.to(Gq1_ptr.dtype.element_ty), mask=ok)
+        if NEED_TEMP:
+            if (pid == 0) & (dirn == 0):
+                offs_r = tl.arange(0, 2)
+                r_ok = offs_r < R
+                dt = tl.load(Dtemp_ptr + offs_r, mask=r_ok, other=0.0)
+                gr = tl.load(G_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+                tl.store(Gt_ptr, tl.sum(dt * gr, 0).to(Gt_ptr.dtype.element_ty))
+
     # Shared memory at BLOCK_D = 256 compiled for sm_90 offline (benchmarks/kernels/sm90_resources.py,
     # limit 232,448 B): every config below fits with 16-bit queues (53-213 KB); fp32 queues (3xTF32
-    # dots) need ~2-3x more and only these four fit (98-229 KB). The others are pruned before
+    # dots) need ~2-3x more and only these four fit (98-229 KB), with pointer and with TMA queue loads. The others are pruned before
     # compiling rather than compiled and dropped by the autotuner (seconds each on the GPU).
     _FP32_D256_FITS = {(64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)}  # (M, N, warps, stages)
 
@@ -366,24 +407,35 @@ if triton is not None:
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in _FP32_D256_FITS]
 
+    def _set_queue_block(nargs: dict) -> None:
+        """Autotuner pre-hook: a queue's TMA descriptor loads the config's key tile [BLOCK_N, BLOCK_D]."""
+        for name in ("QU0", "QU1"):
+            if TensorDescriptor is not None and isinstance(nargs[name], TensorDescriptor):
+                nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+
+    def _config(m: int, n: int, warps: int, stages: int):
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages,
+                             pre_hook=_set_queue_block)
+
     _FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        # 8 warps at 64 rows: half the accumulator per thread, the fewest register spills offline
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        # 128 rows: at B = 64 a whole direction [q; q_m] per program, each key tile loaded once
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+        _config(64, 32, 4, 2),
+        _config(32, 64, 4, 2),
+        _config(32, 32, 4, 2),
+        _config(64, 64, 4, 2),
+        _config(64, 64, 8, 3),
+        _config(64, 32, 4, 3),
+        # 8 warps at 64 rows: half the accumulator per thread
+        _config(64, 32, 8, 2),
+        _config(64, 64, 8, 2),
+        # 128 rows: at B = 64 a whole direction [q; q_m] per program, each key tile loaded once (the
+        # fastest on an H200 at B = 64 and 512 with pointer loads: benchmarks/results/kernels.csv)
+        _config(128, 64, 8, 2),
+        _config(128, 32, 8, 3),
     ]
 
     if not _dispatch.interpreting():  # autotune needs a GPU driver; the interpreter keeps one config
         _itc_loss_fwd_kernel = triton.autotune(
-            configs=_FWD_CONFIGS, key=["B", "CHUNK", "D", "LOWP_DOT"],
+            configs=_FWD_CONFIGS, key=["B", "CHUNK", "D", "LOWP_DOT", "USE_TMA"],
             prune_configs_by={"early_config_prune": _prune_configs},
         )(_itc_loss_fwd_kernel)
 
@@ -391,6 +443,7 @@ if triton is not None:
 # --- launchers: shape/dtype/device validation lives here, not in the kernels --------------------------
 _LOWP = (torch.bfloat16, torch.float16)
 _TRITON_DTYPES = (torch.float32, *_LOWP)
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if tl else {}
 _QUEUE_ALIGN = 128  # a split's queue rows are a multiple of every BLOCK_N
 
 
@@ -422,10 +475,22 @@ def _triton_fits(directions: list[Direction], temp: Tensor) -> bool:
         and len({qu.shape[0] for qu in queues}) == 1
         and temp.numel() == 1 and temp.is_floating_point()
         and len({t.device for t in (*feats, *queues, temp)}) == 1
-        # int32 element offsets inside the kernels (the partials of O use int64)
+        # int32 element offsets inside the kernels, the workspace's included (the next line bounds it)
         and all((t.shape[0] - 1) * t.stride(0) + D < 2**31 for t in (*feats, *queues) if t.shape[0])
         and 4 * B * (Q // _QUEUE_ALIGN + 1) * (D + 2) < 2**31  # the workspace's int32 offsets
     )
+
+
+def _tma_ready(*queues: Tensor) -> bool:
+    """Queue tiles can load through TMA descriptors: Triton has them, a Hopper-or-later GPU (or the
+    interpreter, which emulates them), and each queue non-empty, 16-byte aligned, rows 16-byte strided."""
+    q = queues[0]
+    if TensorDescriptor is None or q.shape[0] == 0:
+        return False
+    if not _dispatch.interpreting() and not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9):
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+               for t in queues)
 
 
 def _row_major(t: Tensor) -> Tensor:
@@ -450,11 +515,16 @@ def _num_splits(rows: int, Q: int, device: torch.device, directions: int) -> int
 
 
 def _triton_forward(
-    directions: list[Direction], temp: Tensor, alpha: float, splits: int | None = None
+    directions: list[Direction], temp: Tensor, alpha: float, splits: int | None = None,
+    config: dict | None = None, stage: str = "both", combine_config: dict | None = None, tma: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The launches of the Triton path, inputs already checked (`itc_loss_forward`, `_choose_path`):
     two kernels, four outputs, a workspace and two counters allocated; no other torch op, so on a GPU
-    the forward costs two launches."""
+    the forward costs two launches. Tuning hooks (benchmarks/kernels/bench_itc_loss.py --breakdown):
+    `config` = {BLOCK_M, BLOCK_N, num_warps, num_stages} launches the forward kernel with that config
+    instead of the autotuner's, `combine_config` = {BLOCK_S, num_warps} the combine kernel's; `stage`
+    "split" / "combine" launches only that kernel (for timing); `tma` forces the queue loads through TMA
+    descriptors (True) or pointers (False) instead of `_tma_ready`'s choice."""
     R = len(directions)
     dirs = [tuple(_row_major(t) for t in d) for d in directions]
     if R == 1:
@@ -468,6 +538,7 @@ def _triton_forward(
     S = max(1, triton.cdiv(Q, chunk))
     interp = _dispatch.interpreting()
     lowp = qu0.dtype in _LOWP and not interp  # bf16 tl.dot is wrong in the interpreter: fp32 there
+    use_tma = _tma_ready(qu0, qu1) if tma is None else tma
     BLOCK_D = max(16, triton.next_power_of_2(D))
     # fp32 dots as 3xTF32 on the GPU (~fp32 accuracy at tensor-core speed); 16-bit dots take the default
     precision = "ieee" if interp else ("tf32" if lowp else "tf32x3")
@@ -478,22 +549,38 @@ def _triton_forward(
     sim = torch.empty(R, B, B, device=device, dtype=torch.float32)
     counters = torch.empty(R, device=device, dtype=torch.int32)
     meta = {} if not interp else {"BLOCK_M": 16, "BLOCK_N": 16}
+    kernel = _itc_loss_fwd_kernel
+    if config is not None:
+        if hasattr(kernel, "configs"):  # under the autotuner: the bare kernel
+            kernel = kernel.fn
+        meta = dict(config)
     grid = lambda META: (triton.cdiv(2 * B, META["BLOCK_M"]), S, R)  # noqa: E731
-    _itc_loss_fwd_kernel[grid](
-        q0, qm0, k0, qu0, q1, qm1, k1, qu1, temp, work, sim, counters,
-        q0.stride(0), qm0.stride(0), k0.stride(0), qu0.stride(0),
-        q1.stride(0), qm1.stride(0), k1.stride(0), qu1.stride(0),
-        B, Q, chunk, S, D=D, BLOCK_D=BLOCK_D, LOWP_DOT=lowp, PRECISION=precision, **meta,
-    )
     dq = torch.empty(R, B, D, device=device, dtype=torch.float32)
     loss = torch.empty(R, device=device, dtype=torch.float32)
     dtemp = torch.empty(R, device=device, dtype=torch.float32)
-    _itc_loss_combine_kernel[(B, R)](
-        work, q0, k0, q1, k1, q0.stride(0), k0.stride(0), q1.stride(0), k1.stride(0),
-        temp, dq, loss, dtemp, counters, float(alpha), B, S, D=D,
-        BLOCK_S=min(16, triton.next_power_of_2(S)), BLOCK_D=BLOCK_D,
-        BLOCK_B=min(1024, triton.next_power_of_2(B)), num_warps=4 if BLOCK_D >= 128 else 1,
-    )
+    qu0_arg, qu1_arg = qu0, qu1
+    if use_tma:  # block shape: the config's (the autotuner's pre-hook sets it for each config it runs)
+        block = [(config or meta).get("BLOCK_N", 64), BLOCK_D]
+        qu0_arg = TensorDescriptor(qu0, [Q, D], [qu0.stride(0), 1], block)
+        qu1_arg = qu0_arg if qu1 is qu0 else TensorDescriptor(qu1, [Q, D], [qu1.stride(0), 1], list(block))
+    if stage != "combine":
+        kernel[grid](
+            q0, qm0, k0, qu0_arg, q1, qm1, k1, qu1_arg, temp, work, sim, counters,
+            q0.stride(0), qm0.stride(0), k0.stride(0), qu0.stride(0),
+            q1.stride(0), qm1.stride(0), k1.stride(0), qu1.stride(0),
+            B, Q, chunk, S, D=D, BLOCK_D=BLOCK_D, LOWP_DOT=lowp, PRECISION=precision,
+            QUEUE_DTYPE=_TL_DTYPES[qu0.dtype], USE_TMA=use_tma, **meta,
+        )
+    if stage != "split":
+        # all splits of a row in one load where they fit (S <= 64 at the default split counts): the merge
+        # is a few dependent loads per program, so its time is latency; 8 warps at D = 256
+        combine = combine_config or dict(BLOCK_S=min(64, triton.next_power_of_2(S)),
+                                         num_warps=8 if BLOCK_D >= 256 else (4 if BLOCK_D >= 128 else 1))
+        _itc_loss_combine_kernel[(B, R)](
+            work, q0, k0, q1, k1, q0.stride(0), k0.stride(0), q1.stride(0), k1.stride(0),
+            temp, dq, loss, dtemp, counters, float(alpha), B, S, D=D, BLOCK_D=BLOCK_D,
+            BLOCK_B=min(1024, triton.next_power_of_2(B)), **combine,
+        )
     return loss, sim, dq, dtemp
 
 
@@ -546,6 +633,24 @@ def _backward(dq: Tensor, dtemp: Tensor, grad_loss: Tensor | None, need_q: list[
     return [scaled[r].to(dt) if need_q[r] else None for r, dt in enumerate(q_dtypes)], grad_temp
 
 
+def _triton_backward(dq: Tensor, dtemp: Tensor, grad_loss: Tensor | None, need_q: list[bool], need_temp: bool,
+                     q_dtypes: list[torch.dtype], temp_meta: tuple) -> tuple[list[Tensor | None], Tensor | None]:
+    """`_backward` in one Triton launch (the eager Triton path; the registered op keeps the torch ops,
+    which torch.compile traces and fuses)."""
+    if grad_loss is None:
+        return [None] * len(need_q), None
+    R, B, D = dq.shape
+    grads = [torch.empty(B, D, device=dq.device, dtype=dt) for dt in q_dtypes]
+    grad_temp = torch.empty(temp_meta[0], device=dq.device, dtype=temp_meta[1]) if need_temp else dtemp
+    n = B * D
+    BLOCK = min(4096, triton.next_power_of_2(n))
+    _itc_loss_bwd_kernel[(triton.cdiv(n, BLOCK), R)](
+        dq, dtemp, grad_loss.contiguous(), grads[0], grads[-1], grad_temp, n, R,
+        NEED_TEMP=need_temp, BLOCK=BLOCK, num_warps=4,
+    )
+    return [g if need else None for g, need in zip(grads, need_q)], grad_temp if need_temp else None
+
+
 class ITCLossFunction(torch.autograd.Function):
     """Eager autograd. Inputs: temp, alpha, path ("triton" | "streaming"), then q, q_m, keys_m, queue
     of each direction. Outputs: loss (R,), sim (R, B, B) (not differentiable)."""
@@ -557,6 +662,7 @@ class ITCLossFunction(torch.autograd.Function):
         ctx.save_for_backward(dq, dtemp)
         ctx.temp_meta = (temp.shape, temp.dtype)
         ctx.q_dtypes = [d[0].dtype for d in directions]
+        ctx.path = path
         ctx.mark_non_differentiable(sim)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for sim (a launch)
         return loss, sim
@@ -567,8 +673,9 @@ class ITCLossFunction(torch.autograd.Function):
         dq, dtemp = ctx.saved_tensors
         R = len(ctx.q_dtypes)
         need_q = [ctx.needs_input_grad[3 + 4 * r] for r in range(R)]
-        grad_q, grad_temp = _backward(dq, dtemp, grad_loss, need_q, ctx.needs_input_grad[0], ctx.q_dtypes,
-                                      ctx.temp_meta)
+        backward = _triton_backward if ctx.path == "triton" else _backward
+        grad_q, grad_temp = backward(dq, dtemp, grad_loss, need_q, ctx.needs_input_grad[0], ctx.q_dtypes,
+                                     ctx.temp_meta)
         grads: list[Tensor | None] = [grad_temp, None, None]
         for r in range(R):
             grads += [grad_q[r], None, None, None]

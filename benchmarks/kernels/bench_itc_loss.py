@@ -2,6 +2,7 @@
 
     python benchmarks/kernels/bench_itc_loss.py --batch 64 512 --queue-dtype bf16 fp32     # one GPU
     python benchmarks/kernels/bench_itc_loss.py --cpu-memory        # the CPU memory check
+    python benchmarks/kernels/bench_itc_loss.py --batch 64 --breakdown   # GPU time per kernel and config
 
 GPU providers, each timed as forward + backward of ALBEF's ITC (gradients to the image and text
 features and to the temperature), same inputs, same run:
@@ -160,6 +161,103 @@ def gpu_rows(args) -> list[Row]:
     return rows
 
 
+EXTRA_CONFIGS = [  # (BLOCK_M, BLOCK_N, warps, stages) tried by --breakdown beside the autotuner's list
+    (64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2), (32, 128, 4, 2), (64, 64, 8, 4), (128, 64, 8, 3),
+    (32, 64, 4, 3), (32, 32, 4, 4),
+]
+
+
+def host_profile(fn, B: int, calls: int = 50) -> None:
+    """The host's time per eager call (launches only; the GPU runs behind) and where it goes (cProfile)."""
+    import cProfile
+    import pstats
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_us = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    print(f"B={B:4d} host time per eager fwd+bwd call: {host_us:.1f} us", flush=True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+def breakdown_rows(args) -> list[Row]:
+    """Where the GPU time of the Triton path goes (CUDA-graph replay, so without host overhead): the
+    split-K kernel alone (queue tiles through TMA where `_tma_ready` allows, and through pointers), the
+    combine kernel alone (and at its former config), the backward (Triton
+    kernel against the torch ops), the op's forward (both), the op's forward + backward with a given
+    upstream gradient and with a mean; with --sweep the split-K kernel at each config (autotuner's list
+    + extras)."""
+    import triton.testing
+
+    rows: list[Row] = []
+    dev = torch.device("cuda")
+    for B in args.batch:
+        inputs = make_inputs(B, args.queue, args.dim, torch.bfloat16, dev)
+        directions = [(inputs["image_feat"], inputs["image_feat_m"], inputs["text_feat_m"], inputs["text_queue"]),
+                      (inputs["text_feat"], inputs["text_feat_m"], inputs["image_feat_m"], inputs["image_queue"])]
+        temp = inputs["temp"]
+        upstream = torch.full((2,), 0.5, device=dev)
+        config = f"Q={args.queue},D={args.dim},features=fp32,queue=bf16,alpha={ALPHA}"
+
+        def op_fwd_bwd():
+            with use_backend("triton"):
+                loss, _ = itc_loss_bidirectional(*(inputs[k] for k in ("image_feat", "image_feat_m", "text_feat",
+                                                   "text_feat_m", "image_queue", "text_queue", "temp")), ALPHA)
+            loss.backward(upstream)
+
+        _, _, dq, dtemp = itc_module._triton_forward(directions, temp, ALPHA)
+        bwd_args = (dq, dtemp, upstream, [True, True], True, [torch.float32] * 2, (temp.shape, temp.dtype))
+        stages = {
+            "split_kernel": lambda: itc_module._triton_forward(directions, temp, ALPHA, stage="split"),
+            "split_kernel_pointers": lambda: itc_module._triton_forward(directions, temp, ALPHA, stage="split",
+                                                                        tma=False),
+            "combine_kernel": lambda: itc_module._triton_forward(directions, temp, ALPHA, stage="combine"),
+            "combine_BS16_w4": lambda: itc_module._triton_forward(directions, temp, ALPHA, stage="combine",
+                                                                  combine_config=dict(BLOCK_S=16, num_warps=4)),
+            "backward_triton": lambda: itc_module._triton_backward(*bwd_args),
+            "backward_torch_ops": lambda: itc_module._backward(*bwd_args),
+            "forward": lambda: itc_module._triton_forward(directions, temp, ALPHA),
+            "fwd_bwd_upstream": op_fwd_bwd,
+            "fwd_bwd_mean": fwd_bwd(fused_both, inputs),
+        }
+        sweep = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                 for c in itc_module._FWD_CONFIGS] + EXTRA_CONFIGS if args.sweep else []
+        for m, n, w, st in sweep:
+            cfg = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+            stages[f"split_M{m}_N{n}_w{w}_s{st}"] = lambda cfg=cfg: itc_module._triton_forward(
+                directions, temp, ALPHA, config=cfg, stage="split")
+        for name, fn in stages.items():
+            try:
+                fn()
+                torch.cuda.synchronize()
+                for t in (inputs["image_feat"], inputs["text_feat"], temp):
+                    t.grad = None
+                q = triton.testing.do_bench_cudagraph(fn, rep=50, quantiles=[0.5, 0.2, 0.8])
+            except Exception as exc:  # a config that does not fit (shared memory) or cannot be captured
+                print(f"B={B:4d} {name:28s} failed: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                torch.cuda.synchronize()
+                continue
+            p50, p20, p80 = (float(v) for v in q)
+            rows.append(Row(op="itc_loss_stage", provider=name, mode="full", metric="time_cuda_graph", unit="ms",
+                            x_name="B", x=B, p50=p50, p20=p20, p80=p80, dtype="bf16", shape_config=config))
+            print(f"B={B:4d} {name:28s} {1e3 * p50:8.1f} us in a CUDA graph (p20 {1e3 * p20:.1f}, "
+                  f"p80 {1e3 * p80:.1f})", flush=True)
+        host_profile(op_fwd_bwd, B)
+        cache = getattr(itc_module._itc_loss_fwd_kernel, "cache", {})
+        for key, cfg in cache.items():
+            print(f"autotuner: key {key} -> {cfg}", flush=True)
+    return rows
+
+
 def cpu_memory_rows(args) -> list[Row]:
     B, Q, D = args.cpu_batch, args.queue, args.dim
     inputs = make_inputs(B, Q, D, torch.float32, "cpu")
@@ -195,6 +293,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--rep", type=int, default=100)
     p.add_argument("--cpu-memory", action="store_true", help="the CPU peak-memory comparison instead")
+    p.add_argument("--breakdown", action="store_true", help="GPU time per kernel (see breakdown_rows) instead")
+    p.add_argument("--sweep", action="store_true", help="with --breakdown: also every split-K config")
     p.add_argument("--cpu-batch", type=int, default=256)
     p.add_argument("--cpu-rep", type=int, default=3)
     p.add_argument("--csv", default=str(ROOT / "benchmarks/results/kernels.csv"))
@@ -203,7 +303,7 @@ def main() -> None:
     if args.cpu_memory:
         rows = cpu_memory_rows(args)
     elif torch.cuda.is_available():
-        rows = gpu_rows(args)
+        rows = breakdown_rows(args) if args.breakdown else gpu_rows(args)
     else:
         raise SystemExit("no CUDA device: run with --cpu-memory on the CPU")
     append_rows(args.csv, rows)

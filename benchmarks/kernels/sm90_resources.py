@@ -10,6 +10,7 @@ Needs the Triton wheel's bundled ptxas/cuobjdump (no CUDA driver). The printed t
 """
 
 import importlib
+import itertools
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -44,22 +46,24 @@ def main() -> None:
     configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in itc._FWD_CONFIGS]
     target = GPUTarget("cuda", 90, 32)
     print(f"triton {triton.__version__}, target sm_90, D = BLOCK_D = 256, features fp32")
-    print(f"{'queue':6s} {'BLOCK_M':>7s} {'BLOCK_N':>7s} {'warps':>5s} {'stages':>6s} {'shared B':>9s} "
+    print(f"{'queue':6s} {'load':4s} {'BLOCK_M':>7s} {'BLOCK_N':>7s} {'warps':>5s} {'stages':>6s} {'shared B':>9s} "
           f"{'regs':>5s} {'stack B':>7s}  fits")
-    for qtype, lowp, precision in (("bf16", True, "tf32"), ("fp32", False, "tf32x3")):
-        for bm, bn, warps, stages in configs:
-            signature = {n: ("*fp32" if n.endswith("_ptr") else "i32") for n in fwd.arg_names}
-            signature["Count_ptr"] = "*i32"
-            signature.update(QU0_ptr=f"*{qtype}", QU1_ptr=f"*{qtype}")
-            consts = dict(D=256, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=256, LOWP_DOT=lowp, PRECISION=precision)
-            signature.update({k: "constexpr" for k in consts})
-            src = ASTSource(fn=fwd, signature=signature,
-                            constexprs={(fwd.arg_names.index(k),): v for k, v in consts.items()})
-            kernel = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
-            regs, stack = resources(kernel)
-            shared = kernel.metadata.shared
-            print(f"{qtype:6s} {bm:7d} {bn:7d} {warps:5d} {stages:6d} {shared:9d} {regs:5d} {stack:7d}  "
-                  f"{'yes' if shared <= SM90_SHARED_LIMIT else 'NO (shared)'}", flush=True)
+    for (qtype, lowp, precision), tma, (bm, bn, warps, stages) in itertools.product(
+            (("bf16", True, "tf32"), ("fp32", False, "tf32x3")), (False, True), configs):
+        signature = {n: ("*fp32" if n.endswith("_ptr") else "i32") for n in fwd.arg_names}
+        signature["Count_ptr"] = "*i32"
+        queue = f"tensordesc<{qtype}[{bn}, 256]>" if tma else f"*{qtype}"
+        signature.update(QU0=queue, QU1=queue)
+        consts = dict(D=256, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=256, LOWP_DOT=lowp, PRECISION=precision,
+                      QUEUE_DTYPE=tl.bfloat16 if lowp else tl.float32, USE_TMA=tma)
+        signature.update({k: "constexpr" for k in consts})
+        src = ASTSource(fn=fwd, signature=signature,
+                        constexprs={(fwd.arg_names.index(k),): v for k, v in consts.items()})
+        kernel = triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+        regs, stack = resources(kernel)
+        shared = kernel.metadata.shared
+        print(f"{qtype:6s} {'tma' if tma else 'ptr':4s} {bm:7d} {bn:7d} {warps:5d} {stages:6d} {shared:9d} {regs:5d} {stack:7d}  "
+              f"{'yes' if shared <= SM90_SHARED_LIMIT else 'NO (shared)'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,22 @@ def test_triton_both_directions_match_reference(B, Q, D, alpha):
     assert_all_close(out, ref, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("B, Q, D", [(5, 37, 24), (16, 300, 64), (7, 130, 33)])
+def test_tma_and_pointer_queue_loads_agree(B, Q, D):
+    """The queue tiles load through TMA descriptors where `_tma_ready` allows (16-byte aligned rows:
+    not at D = 33 in fp32) and through pointers otherwise: both give the streaming oracle's numbers."""
+    img, img_m, txt, txt_m, img_q, txt_q = make_inputs(B, Q, D, seed=D)
+    dirs = [(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)]
+    temp = torch.tensor(0.07)
+    want = itc_loss_streaming_forward([tuple(t.double() for t in d) for d in dirs], temp.double(), 0.4)
+    assert itc_module._tma_ready(img_q, txt_q) == (D * 4 % 16 == 0)
+    for tma in ((False, True) if D * 4 % 16 == 0 else (False,)):
+        got = itc_module._triton_forward(dirs, temp, 0.4, tma=tma)
+        for name, a, b in zip(("loss", "sim", "dq", "dtemp"), got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * b.abs().max().item(),
+                                       msg=lambda m: f"tma={tma} {name}: {m}")
+
+
 @pytest.mark.parametrize("splits", [1, 2, 3])
 def test_triton_split_merge_is_exact(splits):
     """The combine of per-split partials gives the same numbers whatever the number of splits."""
@@ -370,8 +386,8 @@ def test_enabled_says_which_path():
 
 def test_launch_count(monkeypatch):
     """What a GPU call costs in launches (each torch op is one; the host's overhead grows with them):
-    the forward is the two Triton kernels and six allocations, the backward two elementwise ops (the
-    dot for temp, one product for both queries), no zero-filled gradient for the in-batch block."""
+    the forward is the two Triton kernels and six allocations, the backward one Triton kernel (both
+    queries' gradients and temp's) and its three outputs, no zero-filled gradient for the in-batch block."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
@@ -397,6 +413,7 @@ def test_launch_count(monkeypatch):
     dirs = [(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)]
     monkeypatch.setattr(itc_module, "_itc_loss_fwd_kernel", Stub("forward"))
     monkeypatch.setattr(itc_module, "_itc_loss_combine_kernel", Stub("combine"))
+    monkeypatch.setattr(itc_module, "_itc_loss_bwd_kernel", Stub("backward"))
     temp = torch.tensor(0.07)
     with Record() as inside:
         itc_module._triton_forward(dirs, temp, 0.4)
@@ -409,7 +426,8 @@ def test_launch_count(monkeypatch):
         loss, _ = itc_loss_bidirectional(img, img_m, txt, txt_m, img_q, txt_q, temp, 0.4)
         loss.backward(upstream)
     launched = [op for op in whole.ops if op not in views]
-    assert launched == ["empty.memory_format"] * 6 + ["dot.default", "mul.Tensor"], launched
+    assert launched == ["empty.memory_format"] * 9, launched
+    assert launches == ["forward", "combine", "forward", "combine", "backward"]
 
 
 def test_fp32_config_pruning():
@@ -442,12 +460,17 @@ def build(fn, types, consts, **options):
 
 itc = importlib.import_module("albef_kernels.itc_loss")
 hn = importlib.import_module("albef_kernels.hard_negatives")
-for qtype, lowp, prec, (bm, bn, warps, stages) in (("*bf16", True, "tf32", (128, 64, 8, 2)),
-                                                    ("*fp32", False, "tf32x3", (64, 32, 4, 2))):
-    k = build(itc._itc_loss_fwd_kernel, {"QU0_ptr": qtype, "QU1_ptr": qtype, "Count_ptr": "*i32"},
-              dict(D=256, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=256, LOWP_DOT=lowp, PRECISION=prec),
+for qtype, lowp, prec, tma, (bm, bn, warps, stages) in (
+        ("bf16", True, "tf32", True, (128, 64, 8, 2)), ("bf16", True, "tf32", False, (128, 64, 8, 2)),
+        ("fp32", False, "tf32x3", True, (64, 32, 4, 2)), ("fp32", False, "tf32x3", False, (64, 32, 4, 2))):
+    queue = f"tensordesc<{qtype}[{bn}, 256]>" if tma else f"*{qtype}"
+    k = build(itc._itc_loss_fwd_kernel, {"QU0": queue, "QU1": queue, "Count_ptr": "*i32"},
+              dict(D=256, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=256, LOWP_DOT=lowp, PRECISION=prec,
+                   QUEUE_DTYPE=getattr(triton.language, {"bf16": "bfloat16", "fp32": "float32"}[qtype]),
+                   USE_TMA=tma),
               num_warps=warps, num_stages=stages)
-    print("forward", qtype, k.metadata.shared)
+    ptx = k.asm["ptx"]
+    print("forward", qtype, k.metadata.shared, "tma" if tma else "pointers", ptx.count("cp.async.bulk.tensor") > 0)
 k = build(itc._itc_loss_combine_kernel, {"Count_ptr": "*i32", "alpha": "fp32"},
           dict(D=256, BLOCK_S=16, BLOCK_D=256, BLOCK_B=64), num_warps=4)
 ptx = k.asm["ptx"]
@@ -461,7 +484,7 @@ for from_ptr in (False, True):
 
 def test_kernels_compile_for_sm90():
     """The interpreter never runs Triton's compiler: compile the ITC forward (a bf16 and an fp32 config
-    at D = 256), the combine kernel and both seed modes of the sampler for an H100 (sm_90, no GPU
+    at D = 256, each with TMA descriptors and with pointers), the combine kernel and both seed modes of the sampler for an H100 (sm_90, no GPU
     needed); the forward fits in shared memory, and the combine's last-arriver reduction compiles to an
     acq_rel GPU-scope atomic and volatile loads."""
     import os
@@ -475,6 +498,8 @@ def test_kernels_compile_for_sm90():
         pytest.skip("Triton's bundled ptxas is missing")
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line.split() for line in run.stdout.strip().splitlines()]
-    assert [line[0] for line in lines] == ["forward", "forward", "combine", "sampler", "sampler"], run.stdout
-    assert all(int(line[2]) <= 232_448 for line in lines[:2]), run.stdout  # sm_90's shared memory per block
-    assert lines[2][2:] == ["True", "True"], run.stdout
+    assert [line[0] for line in lines] == ["forward"] * 4 + ["combine", "sampler", "sampler"], run.stdout
+    assert all(int(line[2]) <= 232_448 for line in lines[:4]), run.stdout  # sm_90's shared memory per block
+    # the TMA variants load the queue through bulk tensor copies, the pointer variants never
+    assert [(line[3], line[4]) for line in lines[:4]] == [("tma", "True"), ("pointers", "False")] * 2, run.stdout
+    assert lines[4][2:] == ["True", "True"], run.stdout
