@@ -55,6 +55,9 @@ class DataConfig:
     """Decode + augment: dali (GPU), dali_cpu, pil (loader workers); auto = dali on CUDA if installed, else pil."""
     dali_threads: int = 4
     """CPU threads of the DALI pipeline."""
+    dali_hw_decoder_load: float | None = None
+    """Share of each batch's JPEGs that DALI's GPU decoder sends to the hardware JPEG engine (A100, H100,
+    H200), the rest to nvJPEG's CPU+CUDA path; None: DALI's default (0.65)."""
     eval_file: str | None = None
     """Optional retrieval JSON ({"image", "caption": [str, ...]}) for zero-shot retrieval before/after training."""
     cache_dir: str = "~/.cache/albef_fast"
@@ -77,6 +80,8 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.dali_hw_decoder_load is not None and not 0.0 <= self.dali_hw_decoder_load <= 1.0:
+            raise ValueError(f"data.dali_hw_decoder_load must be in [0, 1] or null, got {self.dali_hw_decoder_load}")
         if self.train_weights and len(self.train_weights) != len(self.train_files):
             raise ValueError(f"data.train_weights needs one weight per data.train_files entry: got "
                              f"{len(self.train_weights)} weights for {len(self.train_files)} files")

@@ -59,7 +59,8 @@ def measure(samples, backend: str, args, prefetch: int) -> list[float]:
     ds = PretrainDataset(samples, ImageTransform(args.size, "pretrain"), image_mode="decoded" if backend == "pil" else "encoded")
     sampler = ResumableBatchSampler(len(ds), args.batch, seed=0)
     loader = build_loader(ds, sampler, backend, num_workers=args.workers, pin_memory=False,
-                          dali_threads=args.dali_threads, dali_prefetch=prefetch)
+                          dali_threads=args.dali_threads, dali_prefetch=prefetch,
+                          dali_hw_decoder_load=args.hw_decoder_load)
     sampler.set_epoch(0, len(sampler) - 1)
     for _ in loader:  # warm-up: workers started, DALI pipeline built, caches filled
         pass
@@ -97,9 +98,9 @@ def breakdown(samples, backend: str, args) -> list[tuple[str, list[float]]]:
     ds = PretrainDataset(samples, ImageTransform(args.size, "pretrain"), image_mode="encoded")
     sampler = ResumableBatchSampler(len(ds), args.batch, seed=0)
     loader = build_loader(ds, sampler, backend, num_workers=args.workers, pin_memory=False,
-                          dali_threads=args.dali_threads, dali_prefetch=0)
+                          dali_threads=args.dali_threads, dali_prefetch=0)  # (its pipeline is unused)
     pipe = DaliImagePipeline(args.size, "pretrain", args.batch, device="gpu" if backend == "dali" else "cpu",
-                             num_threads=args.dali_threads)
+                             num_threads=args.dali_threads, hw_decoder_load=args.hw_decoder_load)
     sync = torch.cuda.synchronize if backend == "dali" else (lambda: None)
 
     def timed(fn) -> list[float]:
@@ -147,6 +148,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: everything in this process)")
     p.add_argument("--dali-threads", type=int, default=1)
+    p.add_argument("--hw-decoder-load", type=float, default=None,
+                   help="share of JPEGs for the GPU's hardware decoder (default: DALI's, 0.65)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--dali-prefetch", type=int, nargs="+", default=[2],
                    help="batches the DALI stage decodes ahead in its thread; several values: one run each")
@@ -182,7 +185,8 @@ def main() -> None:
             rows.append(Row(op="dataloader", provider=name, mode="pretrain", metric="throughput", unit="images/s",
                             x_name="workers", x=args.workers, p50=p50, p20=p20, p80=p80, dtype="uint8->fp32",
                             shape_config=f"src={args.src_size[0]}x{args.src_size[1]},size={args.size},B={args.batch},"
-                                         f"dali_threads={args.dali_threads},n={args.images},step_ms={args.step_ms:g}",
+                                         f"dali_threads={args.dali_threads},hw_load={args.hw_decoder_load},n={args.images},"
+                                         f"step_ms={args.step_ms:g}",
                             gpu=machine))
         for backend in [b for b in args.backends if b != "pil"] if args.breakdown else []:
             for stage, rates in breakdown(samples, backend, args):
@@ -192,7 +196,8 @@ def main() -> None:
                                 metric="throughput", unit="images/s", x_name="workers", x=args.workers, p50=p50,
                                 p20=rates[0], p80=rates[-1], dtype="uint8->fp32",
                                 shape_config=f"src={args.src_size[0]}x{args.src_size[1]},size={args.size},"
-                                             f"B={args.batch},dali_threads={args.dali_threads},n={args.images}",
+                                             f"B={args.batch},dali_threads={args.dali_threads},hw_load={args.hw_decoder_load},"
+                                             f"n={args.images}",
                                 gpu=machine))
     if args.csv:
         append_rows(args.csv, rows)

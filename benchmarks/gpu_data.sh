@@ -2,8 +2,9 @@
 # DALI on a GPU: the GPU-marked DALI tests and images/s of pil (baseline, same machine) and dali (GPU)
 # at 256 px with the pretraining augmentation. Needs nvidia-dali-cuda130 importable on the GPU machine
 # (PYTHONPATH is kept by gpu_env.sh). Its wheels (~260 MB with dependencies) exceed the 64 MiB a device call
-# carries: in session 2 they travelled as a tar split into 55 MiB pieces, one carried folder per call, each
-# copied to /tmp on the warm machine, then joined and `pip install --target`-ed. Without DALI this script
+# carries: they travel as one tar.xz of the installed tree (other Pythons' extension modules removed, the
+# libraries stripped: 174 MB) split into three 58 MB pieces, one carried folder per call, each copied to
+# /tmp on the warm machine, then joined and unpacked to /tmp/site (PYTHONPATH). Without DALI this script
 # runs the tests that need none, and exits with a message instead of reporting anything else. The tokenizer
 # needs ALBEF_FAST_VOCAB (the vocab.txt `make venv` installs) on that machine.
 #   run: bash benchmarks/gpu_data.sh            (results in $OUT)
@@ -18,9 +19,11 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device_data.txt"
 W=$(( $(nproc) > 8 ? 8 : $(nproc) ))
 # images/s through the loader (pil = baseline, same run) and, with --breakdown, where the DALI time goes
-# (stages alone: host workers, DALI stage, without Equalize, without RandomAugment); then DALI with 8
-# threads (nvJPEG's host-side Huffman decoding runs on them)
+# (stages alone: host workers, DALI stage, without Equalize, without RandomAugment), with 8 DALI threads
+# (nvJPEG's host-side Huffman decoding runs on them; 8 beat 4, 12 and 16 on an H200 in session 4); then
+# the same with every JPEG sent to the hardware decoder (DALI's default sends 65 %)
 python3 benchmarks/bench_dataloader.py --backends pil dali --images 512 --batch 64 --workers "$W" \
-    --dali-threads 4 --epochs 3 --breakdown --csv "$OUT/dataloader.csv" 2>&1 | grep -v WARNING | tee "$OUT/bench_dataloader.log"
+    --dali-threads 8 --epochs 3 --breakdown --csv "$OUT/dataloader.csv" 2>&1 | grep -v WARNING | tee "$OUT/bench_dataloader.log"
 python3 benchmarks/bench_dataloader.py --backends dali --images 512 --batch 64 --workers "$W" \
-    --dali-threads 8 --epochs 3 --breakdown --csv "$OUT/dataloader.csv" 2>&1 | grep -v WARNING | tee -a "$OUT/bench_dataloader.log"
+    --dali-threads 8 --hw-decoder-load 1.0 --epochs 3 --breakdown --csv "$OUT/dataloader.csv" 2>&1 \
+    | grep -v WARNING | tee -a "$OUT/bench_dataloader.log"

@@ -19,7 +19,8 @@ The graph, per sample (pretrain):
     -> 2 x RandomAugment slot: a DALI conditional on the host-drawn op code
          AutoContrast: per-channel (x - min) * 255 / (max - min), identity for a flat channel
          Equalize:     PIL's ImageOps.equalize exactly: per-channel 256-bin histogram -> PIL's LUT
-                       (`equalize_lut`) -> lookup, through DALI's DLPack python operator (`pil_equalize`)
+                       (`equalize_lut`) -> lookup, through DALI's DLPack python operator, once per batch
+                       for the samples that drew it (`pil_equalize_batch`: one stack on the GPU)
                        (fn.equalize builds OpenCV's LUT, a different formula: mean ~6 grey levels off)
          Brightness:   fn.brightness(1.36)
          Sharpness:    3x3 correlation with 1.36*delta - 0.36*PIL's SMOOTH kernel (PIL blends the
@@ -60,7 +61,7 @@ from albef_fast.data.transforms import (
 )
 
 __all__ = ["OP_CODES", "DaliImagePipeline", "affine_matrix", "dali_unavailable_reason", "equalize_lut", "pil_equalize",
-           "sample_inputs"]
+           "pil_equalize_batch", "sample_inputs"]
 
 # Op codes fed to the graph (0 = slot not applied / Identity).
 OP_CODES = {"Identity": 0, "AutoContrast": 1, "Equalize": 2, "Brightness": 3, "Sharpness": 4,
@@ -115,20 +116,33 @@ def pil_equalize(image: Tensor) -> Tensor:
     return torch.from_numpy(np.stack([lut[c][a[..., c]] for c in range(a.shape[-1])], -1))
 
 
-def _equalize_torch(image: Tensor) -> Tensor:
-    """`pil_equalize` in torch ops only (the CUDA path; runs on any device)."""
-    C = image.shape[-1]
-    idx = image.reshape(-1, C).long() + torch.arange(C, device=image.device) * 256
-    hist = torch.bincount(idx.reshape(-1), minlength=256 * C).view(C, 256)
-    return equalize_lut(hist).reshape(-1)[idx].reshape(image.shape).to(torch.uint8)
+def _equalize_torch(images: Tensor) -> Tensor:
+    """`pil_equalize` of an (H, W, C) image or an (N, H, W, C) stack in torch ops only: one histogram
+    and one lookup for the whole stack (the CUDA path; runs on any device)."""
+    x = images.reshape(-1, *images.shape[-3:])
+    N, C = x.shape[0], x.shape[-1]
+    plane = (torch.arange(N, device=x.device)[:, None] * C + torch.arange(C, device=x.device)) * 256  # (N, C)
+    idx = x.reshape(N, -1, C).long() + plane[:, None, :]
+    hist = torch.bincount(idx.reshape(-1), minlength=256 * N * C).view(N * C, 256)
+    return equalize_lut(hist).reshape(-1)[idx].reshape(images.shape).to(torch.uint8)
 
 
-def _equalize_dlpack(image):  # DALI's DLPack operator, one sample; module scope so AutoGraph leaves it alone
-    x = torch.from_dlpack(image)
-    out = pil_equalize(x)
-    if out.is_cuda:  # DALI synchronised its stream before the call; the result must be ready on return
-        torch.cuda.current_stream(out.device).synchronize()
-    return torch.utils.dlpack.to_dlpack(out)
+def pil_equalize_batch(images: list[Tensor]) -> list[Tensor]:
+    """`pil_equalize` of each image of a list: CUDA images of one shape as one stack (a few launches per
+    batch instead of per image), anything else image by image."""
+    if images and images[0].is_cuda and len({tuple(im.shape) for im in images}) == 1:
+        for im in images:
+            if im.dtype != torch.uint8 or im.dim() != 3:
+                raise ValueError(f"image must be (H, W, C) uint8, got {tuple(im.shape)} {im.dtype}")
+        return list(_equalize_torch(torch.stack(images)).unbind(0))
+    return [pil_equalize(im) for im in images]
+
+
+def _equalize_dlpack(images):  # DALI's DLPack operator, the batch's Equalize samples; module scope for AutoGraph
+    outs = pil_equalize_batch([torch.from_dlpack(im) for im in images])
+    if outs and outs[0].is_cuda:  # DALI synchronised its stream before the call; the result must be ready on return
+        torch.cuda.current_stream(outs[0].device).synchronize()
+    return [torch.utils.dlpack.to_dlpack(out) for out in outs]
 
 
 def dali_unavailable_reason() -> str | None:
@@ -186,11 +200,12 @@ def sample_inputs(params: AugParams, size: int) -> tuple[np.ndarray, np.ndarray,
 
 
 def _build(batch_size: int, size: int, augment: Augment, device: Literal["gpu", "cpu"], num_threads: int,
-           device_id: int | None):
+           device_id: int | None, hw_decoder_load: float | None = None):
     from nvidia.dali import fn, pipeline_def, types
     import nvidia.dali.math as dmath
 
     decoder_device = "mixed" if device == "gpu" else "cpu"
+    decoder_args = {"hw_decoder_load": hw_decoder_load} if device == "gpu" and hw_decoder_load is not None else {}
     mean = [255.0 * m for m in CLIP_MEAN]
     std = [255.0 * s for s in CLIP_STD]
 
@@ -210,7 +225,7 @@ def _build(batch_size: int, size: int, augment: Augment, device: Literal["gpu", 
         flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
         codes = [fn.external_source(name=f"op{k}", dtype=types.INT32, ndim=0) for k in range(RA_NUM_OPS)]
         mats = [fn.external_source(name=f"mat{k}", dtype=types.FLOAT, ndim=2) for k in range(RA_NUM_OPS)]
-        img = fn.decoders.image(enc, device=decoder_device, output_type=types.RGB)
+        img = fn.decoders.image(enc, device=decoder_device, output_type=types.RGB, **decoder_args)
         img = fn.resize(img, roi_start=roi[0:2], roi_end=roi[2:4], roi_relative=False, size=[size, size],
                         interp_type=types.INTERP_CUBIC, antialias=True)
         img = fn.flip(img, horizontal=flip)
@@ -218,7 +233,7 @@ def _build(batch_size: int, size: int, augment: Augment, device: Literal["gpu", 
             if code == 1:
                 img = autocontrast(img)
             elif code == 2:
-                img = fn.dl_tensor_python_function(img, function=_equalize_dlpack, batch_processing=False,
+                img = fn.dl_tensor_python_function(img, function=_equalize_dlpack, batch_processing=True,
                                                    output_layouts="HWC")
             elif code == 3:
                 img = fn.brightness(img, brightness=ENHANCE_FACTOR)
@@ -231,7 +246,7 @@ def _build(batch_size: int, size: int, augment: Augment, device: Literal["gpu", 
     @pipeline_def
     def resize_only():
         enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        img = fn.decoders.image(enc, device=decoder_device, output_type=types.RGB)
+        img = fn.decoders.image(enc, device=decoder_device, output_type=types.RGB, **decoder_args)
         img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
         return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
 
@@ -253,10 +268,12 @@ class DaliImagePipeline:
         batch_size: the largest batch that will be fed.
         device: "gpu" ("mixed" decoding, output on the current CUDA device) or "cpu" (no GPU needed).
         num_threads: DALI CPU threads.
+        hw_decoder_load: share of the JPEGs for the GPU's hardware decoder (device "gpu"; None: DALI's
+            default, 0.65).
     """
 
     def __init__(self, size: int, augment: Augment, batch_size: int, *, device: Literal["gpu", "cpu"] = "gpu",
-                 num_threads: int = 2) -> None:
+                 num_threads: int = 2, hw_decoder_load: float | None = None) -> None:
         reason = dali_unavailable_reason()
         if reason:
             raise RuntimeError(f"the DALI image backend was asked for but {reason}; "
@@ -266,7 +283,7 @@ class DaliImagePipeline:
         if device == "gpu" and not torch.cuda.is_available():
             raise RuntimeError("the DALI GPU backend needs CUDA; use data.image_backend=dali_cpu or pil")
         self.size, self.augment, self.batch_size, self.device = size, augment, batch_size, device
-        self.num_threads = num_threads
+        self.num_threads, self.hw_decoder_load = num_threads, hw_decoder_load
         self.device_id = torch.cuda.current_device() if device == "gpu" else None
         self._pipe = None
 
@@ -293,7 +310,7 @@ class DaliImagePipeline:
             raise ValueError(f"need 1..{self.batch_size} images with one params each, got {B} and {len(params)}")
         if self._pipe is None:
             self._pipe = _build(self.batch_size, self.size, self.augment, self.device, self.num_threads,
-                                self.device_id)
+                                self.device_id, self.hw_decoder_load)
         pipe = self._pipe
         pipe.feed_input("encoded", list(encoded))
         if self.augment == "pretrain":

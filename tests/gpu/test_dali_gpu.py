@@ -49,13 +49,19 @@ def test_dali_gpu_matches_cpu_graph_and_pil():
 def test_pil_equalize_on_cuda_matches_pil():
     from PIL import ImageOps
 
-    from albef_fast.data.dali import pil_equalize
+    from albef_fast.data.dali import pil_equalize, pil_equalize_batch
 
     rng = np.random.default_rng()
     for _ in range(20):
         a = np.clip(rng.normal(rng.uniform(30, 220), rng.uniform(1, 60), (97, 131, 3)), 0, 255).astype(np.uint8)
         got = pil_equalize(torch.from_numpy(a).cuda()).cpu().numpy()
         assert np.array_equal(got, np.asarray(ImageOps.equalize(Image.fromarray(a))))
+    # the batched path DALI's operator takes: one stack of a batch's Equalize samples
+    stack = [np.clip(rng.normal(rng.uniform(30, 220), rng.uniform(1, 60), (64, 48, 3)), 0, 255).astype(np.uint8)
+             for _ in range(9)]
+    got = pil_equalize_batch([torch.from_numpy(a).cuda() for a in stack])
+    for a, g in zip(stack, got):
+        assert np.array_equal(g.cpu().numpy(), np.asarray(ImageOps.equalize(Image.fromarray(a))))
 
 
 @needs_dali

@@ -38,6 +38,7 @@ def test_unknown_key_lists_the_valid_ones(tmp_path):
     ("model.preset=albef_huge", "model.preset='albef_huge' is unknown"),
     ("loss.momentum=1.5", r"loss.momentum must be in \[0, 1\)"),
     ("data.batch_size=0", "data.batch_size must be >= 1"),
+    ("data.dali_hw_decoder_load=1.5", r"data.dali_hw_decoder_load must be in \[0, 1\] or null"),
     ("optim=3", "optim is a section"),
     ("resume=maybe", "resume expects true/false"),
     ("optim.lr", "must look like key.sub=value"),

@@ -96,7 +96,7 @@ def _random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 def test_equalize_is_pils_exactly():
     from PIL import ImageOps
 
-    from albef_fast.data.dali import _equalize_torch, equalize_lut, pil_equalize
+    from albef_fast.data.dali import _equalize_torch, equalize_lut, pil_equalize, pil_equalize_batch
 
     rng = np.random.default_rng()  # fresh images every run; the LUT is integer arithmetic: exact
     for _ in range(300):
@@ -104,6 +104,13 @@ def test_equalize_is_pils_exactly():
         ref = np.asarray(ImageOps.equalize(Image.fromarray(a)))
         assert np.array_equal(pil_equalize(torch.from_numpy(a)).numpy(), ref), a  # numpy path (CPU)
         assert np.array_equal(_equalize_torch(torch.from_numpy(a)).numpy(), ref), a  # torch path (CUDA's)
+    # a stack at once (how the GPU path equalises a batch's samples): each image as on its own, with
+    # images whose histograms differ (one flat, one sparse) so that a shared histogram would show
+    stack = [_random_image(rng, 17, 23) for _ in range(5)] + [np.full((17, 23, 3), 9, np.uint8)]
+    got = _equalize_torch(torch.from_numpy(np.stack(stack))).numpy()
+    for a, g in zip(stack, got):
+        assert np.array_equal(g, np.asarray(ImageOps.equalize(Image.fromarray(a))))
+    assert [t.shape for t in pil_equalize_batch([torch.from_numpy(a) for a in stack[:2]])] == [(17, 23, 3)] * 2
     with pytest.raises(ValueError, match="uint8"):
         pil_equalize(torch.zeros(4, 4, 3))
     with pytest.raises(ValueError, match="\\(C, 256\\) int64"):
@@ -197,7 +204,7 @@ def test_prefetch_thread_decodes_ahead_stops_early_and_resumes(corpus):
         # Batch 2 is decoded while the consumer still holds batch 1 (no timing: just the event, 30 s at most).
         assert second_done.wait(30) and _same(first, reference[0])
         it.close()  # leave the epoch early: the thread stops
-        assert not any(t.name == "albef-dali-prefetch" for t in threading.enumerate())
+        assert not any(t.name in ("albef-dali-prefetch", "albef-data-fetch") for t in threading.enumerate())
         assert set(calls) == {"albef-dali-prefetch"}
         sampler.set_epoch(0, 1)  # resume at batch 1: the same tail
         tail = list(loader)
