@@ -11,6 +11,7 @@
 #   run: bash benchmarks/pack_dali.sh        (~3 min on 2 cores; needs pip, unzip, strip, xz)
 set -euo pipefail
 WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$WORK/wheels" \
@@ -28,5 +29,4 @@ for i in 1 2 3; do
     rm -rf ".dpk$i" && mkdir ".dpk$i" && mv "$WORK/part0$((i - 1))" ".dpk$i/"
     grep -qx "/.dpk$i/" .git/info/exclude || echo "/.dpk$i/" >> .git/info/exclude
 done
-rm -rf "$WORK"
 du -sh .dpk1 .dpk2 .dpk3

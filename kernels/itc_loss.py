@@ -367,17 +367,17 @@ if triton is not None:
     def _itc_loss_bwd_kernel(
         Dq_ptr,  # (R, B*D) fp32: the forward's d(mean loss)/dq per direction
         Dtemp_ptr,  # (R,) fp32: the forward's d(mean loss)/dT per direction
-        G_ptr,  # (R,) incoming gradient of each direction's loss
+        G_ptr,  # (R,) incoming gradient of each direction's loss (element stride stride_g: may be 0)
         Gq0_ptr, Gq1_ptr,  # (B*D,) gradient to q of each direction, in q's dtype
         Gt_ptr,  # (1,) gradient to temp, in temp's dtype
-        n, R, NEED_TEMP: tl.constexpr, BLOCK: tl.constexpr,
+        n, R, stride_g, NEED_TEMP: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # The whole backward in one launch: grad_q[r] = g[r] * dq[r] for both directions, and program
         # (0, 0) also writes grad_temp = sum_r g[r] * dtemp[r] (the eager path's two torch ops were two
         # launches plus cuBLAS for a 2-element dot).
         pid = tl.program_id(0)
         dirn = tl.program_id(1)
-        g = tl.load(G_ptr + dirn).to(tl.float32)
+        g = tl.load(G_ptr + dirn * stride_g).to(tl.float32)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         ok = offs < n
         v = tl.load(Dq_ptr + dirn * n + offs, mask=ok, other=0.0) * g
@@ -390,7 +390,7 @@ if triton is not None:
                 offs_r = tl.arange(0, 2)
                 r_ok = offs_r < R
                 dt = tl.load(Dtemp_ptr + offs_r, mask=r_ok, other=0.0)
-                gr = tl.load(G_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+                gr = tl.load(G_ptr + offs_r * stride_g, mask=r_ok, other=0.0).to(tl.float32)
                 tl.store(Gt_ptr, tl.sum(dt * gr, 0).to(Gt_ptr.dtype.element_ty))
 
     # Shared memory at BLOCK_D = 256 compiled for sm_90 offline (benchmarks/kernels/sm90_resources.py,
@@ -483,9 +483,10 @@ def _triton_fits(directions: list[Direction], temp: Tensor) -> bool:
 
 def _tma_ready(*queues: Tensor) -> bool:
     """Queue tiles can load through TMA descriptors: Triton has them, a Hopper-or-later GPU (or the
-    interpreter, which emulates them), and each queue non-empty, 16-byte aligned, rows 16-byte strided."""
+    interpreter, which emulates them), 16-bit queues (the case measured and tested on an H200; fp32 queues
+    keep the pointer loads, `tma=True` forces TMA), each non-empty, 16-byte aligned, rows 16-byte strided."""
     q = queues[0]
-    if TensorDescriptor is None or q.shape[0] == 0:
+    if TensorDescriptor is None or q.shape[0] == 0 or q.dtype not in _LOWP:
         return False
     if not _dispatch.interpreting() and not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9):
         return False
@@ -547,7 +548,8 @@ def _triton_forward(
     n_part = R * 2 * S * B
     work = torch.empty((2 + D) * n_part + 2 * R * B, device=device, dtype=torch.float32)
     sim = torch.empty(R, B, B, device=device, dtype=torch.float32)
-    counters = torch.empty(R, device=device, dtype=torch.int32)
+    # zeroed by the split-K kernel; a combine-only launch (timing) zeroes them itself (a memset)
+    counters = (torch.zeros if stage == "combine" else torch.empty)(R, device=device, dtype=torch.int32)
     meta = {} if not interp else {"BLOCK_M": 16, "BLOCK_N": 16}
     kernel = _itc_loss_fwd_kernel
     if config is not None:
@@ -572,12 +574,14 @@ def _triton_forward(
             QUEUE_DTYPE=_TL_DTYPES[qu0.dtype], USE_TMA=use_tma, **meta,
         )
     if stage != "split":
-        # All splits of a row in one load where they fit (S <= 64 at the default split counts): the merge
-        # is a few dependent loads per program, so its time is latency. 8 warps when a row has many splits
-        # (B = 64: S = 64, 8.4 us against 13.1 us for 16-split chunks and 4 warps), 4 when there are many
-        # rows and few splits (B = 512: S = 8, 10.8 us against 18.8 us with 8 warps); H200, session 4.
+        # Up to 64 splits of a row per load (one pass at two directions and B >= 32, where S <= 64; more
+        # passes for one direction or a small B): the merge is a chain of dependent loads per program, so
+        # its time is latency. 8 warps when a row has many splits (B = 64: S = 64, 8.4 us against 13.1 us
+        # for 16-split passes and 4 warps), 4 for many rows with few splits (B = 512: S = 8, 10.8 us with
+        # BLOCK_S 16 and 4 warps against 18.8 us with 8 warps). H200, session 4, the kernel alone without
+        # its last program's sum of the rows.
         combine = combine_config or dict(
-            BLOCK_S=min(64, triton.next_power_of_2(S)),
+            BLOCK_S=min(64, max(16, triton.next_power_of_2(S))),
             num_warps=(8 if S > 16 else 4) if BLOCK_D >= 128 else 1)
         _itc_loss_combine_kernel[(B, R)](
             work, q0, k0, q1, k1, q0.stride(0), k0.stride(0), q1.stride(0), k1.stride(0),
@@ -648,7 +652,7 @@ def _triton_backward(dq: Tensor, dtemp: Tensor, grad_loss: Tensor | None, need_q
     n = B * D
     BLOCK = min(4096, triton.next_power_of_2(n))
     _itc_loss_bwd_kernel[(triton.cdiv(n, BLOCK), R)](
-        dq, dtemp, grad_loss.contiguous(), grads[0], grads[-1], grad_temp, n, R,
+        dq, dtemp, grad_loss, grads[0], grads[-1], grad_temp, n, R, grad_loss.stride(0),
         NEED_TEMP=need_temp, BLOCK=BLOCK, num_warps=4,
     )
     return [g if need else None for g, need in zip(grads, need_q)], grad_temp if need_temp else None

@@ -284,8 +284,9 @@ def build_training_data(
 def _run_ahead(make: Callable[[], Iterator[Any]], depth: int, name: str) -> Iterator[Any]:
     """Yield what `make()` yields, computed in a background thread named `name` up to `depth` items
     ahead, in order. An exception in the thread is raised here at its position. Closing this generator
-    (the consumer leaves early) stops the thread after the item it is on, closes its iterator and joins
-    it, so the source is never iterated twice at once."""
+    (the consumer leaves early) stops the thread after the item it is on, closes its iterator if that is
+    a generator (a DataLoader iterator has no close: its workers stop when it is collected) and joins the
+    thread, so the source is never iterated twice at once."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 

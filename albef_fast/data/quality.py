@@ -20,6 +20,7 @@ num_workers * prefetch_factor batches, plus the DALI stage's look-ahead) when th
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 from torch.utils.data import get_worker_info
@@ -39,6 +40,12 @@ EVENTS: tuple[str, ...] = (
     "dali_batch_fallback",  # DALI failed on a batch; it was decoded with the PIL twin instead
 )
 _INDEX = {name: i for i, name in enumerate(EVENTS)}
+
+
+_RECORD_LOCK = threading.Lock()
+"""Serialises `record` within a process: with DALI the main process has two loader threads (the fetch
+thread reads samples, the decode thread's PIL fallback too) that may count at once. A module-level lock,
+so that DataEvents still pickles to the workers."""
 
 
 class DataEvents:
@@ -72,8 +79,9 @@ class DataEvents:
         if kind not in _INDEX:
             raise ValueError(f"unknown data event {kind!r}; valid: {', '.join(EVENTS)}")
         row = self._row()
-        self.counts[row, _INDEX[kind]] += 1
-        n = int(self.counts[row, _INDEX[kind]])
+        with _RECORD_LOCK:  # += on a tensor element is a read-modify-write
+            self.counts[row, _INDEX[kind]] += 1
+            n = int(self.counts[row, _INDEX[kind]])
         if kind in ("replaced", "converted_mode"):
             return  # logged through the event that caused them / too common to be news
         if n <= self.warn_first or (n & (n - 1)) == 0:

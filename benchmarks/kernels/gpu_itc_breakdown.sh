@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Where the fused ITC's GPU time goes (issue 4's B = 64 target). First the GPU tests of the eager path
-# (full size, bf16 queues, odd shapes, CUDA-graph replay, determinism; queue loads through TMA on
-# Hopper). Then the op against the torch reference (same run), and per stage: the split-K kernel with
-# TMA and with pointer loads, the combine kernel at its config and the former one, the backward as one
-# Triton kernel and as torch ops, forward, forward + backward; and the host's time per eager call with
-# a cProfile. B = 64 and 512, bf16 queues. SWEEP=1 adds every split-K config. Results in $OUT.
-#   run: bash benchmarks/kernels/gpu_itc_breakdown.sh      (~2-3 min on an H100/H200, mostly compiles)
+# (full size, bf16 and fp32 queues, the queue-load path not chosen by default, odd shapes, CUDA-graph
+# replay, determinism). Then the op against the torch reference (same run), and per stage: the split-K
+# kernel with TMA and with pointer loads, the combine kernel at its config and the former one, the
+# backward as one Triton kernel and as torch ops, forward, forward + backward; and the host's time per
+# eager call with a cProfile. B = 64 and 512, bf16 queues. SWEEP=1 adds every split-K config.
+#   run: bash benchmarks/kernels/gpu_itc_breakdown.sh      (~3-4 min on an H100/H200, mostly compiles)
 set -uo pipefail
 source benchmarks/gpu_env.sh
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/device_itc.txt"
 T=tests/gpu/test_itc_kernel_gpu.py
-timeout 75 python3 -m pytest -q -s -p no:cacheprovider --durations=0 "$T::test_full_size_bf16_queue" \
+timeout 110 python3 -m pytest -q -s -p no:cacheprovider --durations=0 "$T::test_full_size_bf16_queue" \
     "$T::test_cuda_graph_replay_matches_eager" "$T::test_odd_shape_fp32" \
-    "$T::test_deterministic_and_free_of_host_syncs" 2>&1 | tee "$OUT/itc_gpu_tests.log"
+    "$T::test_deterministic_and_free_of_host_syncs" "$T::test_full_size_other_queue_loads" \
+    "$T::test_full_size_fp32" 2>&1 | tee "$OUT/itc_gpu_tests.log"
 echo "tests rc=${PIPESTATUS[0]}" | tee -a "$OUT/itc_gpu_tests.log"
 timeout 35 python3 benchmarks/kernels/bench_itc_loss.py --batch 64 512 --queue-dtype bf16 --providers triton torch \
     --csv "$OUT/kernels.csv" 2>&1 | tee "$OUT/bench_itc.log"

@@ -98,6 +98,24 @@ def test_full_size_bf16_queue(feat_dtype):
     assert_no_worse_than_torch(out, oracle, torch_bf16, factor=2, floor=1e-6)
 
 
+@pytest.mark.parametrize("queue_dtype, tma", [(torch.bfloat16, False), (torch.float32, True)])
+def test_full_size_other_queue_loads(queue_dtype, tma, monkeypatch):
+    """The queue-load path `_tma_ready` does not choose, forced: pointer loads for bf16 queues (the
+    default on pre-Hopper GPUs), TMA for fp32 queues (available with tma=True). Same rule as above."""
+    from albef_kernels import itc_loss as itc_module
+
+    real = itc_module._triton_forward
+    monkeypatch.setattr(itc_module, "_triton_forward", lambda *a, **k: real(*a, **{**k, "tma": tma}))
+    inputs = make_inputs(B, Q, D, torch.float32, queue_dtype, seed=3)
+    temp = torch.tensor(0.07, device="cuda")
+    oracle = run(torch_at(torch.float64), [x.double() for x in inputs], temp.double())
+    if queue_dtype == torch.bfloat16:
+        assert_no_worse_than_torch(run(fused, inputs, temp), oracle, run(torch_at(torch.bfloat16), inputs, temp),
+                                   factor=2, floor=1e-6)
+    else:
+        assert_no_worse_than_torch(run(fused, inputs, temp), oracle, run(torch_at(None), inputs, temp), 2, 2e-6)
+
+
 def test_odd_shape_fp32():
     """Non-power-of-2 D (masked columns), B not a multiple of the row block, a queue split unevenly."""
     inputs = make_inputs(37, 1000, 200, torch.float32, torch.float32, seed=2)

@@ -81,18 +81,49 @@ def test_triton_both_directions_match_reference(B, Q, D, alpha):
 
 @pytest.mark.parametrize("B, Q, D", [(5, 37, 24), (16, 300, 64), (7, 130, 33)])
 def test_tma_and_pointer_queue_loads_agree(B, Q, D):
-    """The queue tiles load through TMA descriptors where `_tma_ready` allows (16-byte aligned rows:
-    not at D = 33 in fp32) and through pointers otherwise: both give the streaming oracle's numbers."""
+    """The queue tiles load through TMA descriptors where `_tma_ready` allows (16-bit queues with 16-byte
+    aligned rows: not at D = 33) and through pointers otherwise; forced either way (fp32 queues through
+    TMA where their rows align), both give the streaming oracle's numbers."""
     img, img_m, txt, txt_m, img_q, txt_q = make_inputs(B, Q, D, seed=D)
     dirs = [(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)]
     temp = torch.tensor(0.07)
     want = itc_loss_streaming_forward([tuple(t.double() for t in d) for d in dirs], temp.double(), 0.4)
-    assert itc_module._tma_ready(img_q, txt_q) == (D * 4 % 16 == 0)
+    assert not itc_module._tma_ready(img_q, txt_q)  # fp32 queues: pointer loads unless forced
+    assert itc_module._tma_ready(img_q.bfloat16(), txt_q.bfloat16()) == (D * 2 % 16 == 0)
     for tma in ((False, True) if D * 4 % 16 == 0 else (False,)):
         got = itc_module._triton_forward(dirs, temp, 0.4, tma=tma)
         for name, a, b in zip(("loss", "sim", "dq", "dtemp"), got, want):
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * b.abs().max().item(),
                                        msg=lambda m: f"tma={tma} {name}: {m}")
+
+
+def test_combine_merges_splits_in_several_passes():
+    """More splits than the combine kernel loads at once (BLOCK_S = 2, 8 splits: four passes of the
+    running max and of the weighted sums) merges like one pass."""
+    img, img_m, txt, txt_m, img_q, txt_q = make_inputs(4, 1000, 16, seed=5)
+    dirs = [(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)]
+    temp = torch.tensor(0.05)
+    one = itc_module._triton_forward(dirs, temp, 0.4, splits=8, combine_config=dict(BLOCK_S=16, num_warps=1))
+    many = itc_module._triton_forward(dirs, temp, 0.4, splits=8, combine_config=dict(BLOCK_S=2, num_warps=1))
+    for name, a, b in zip(("loss", "sim", "dq", "dtemp"), many, one):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7 * b.abs().max().item(), msg=lambda m: f"{name}: {m}")
+
+
+def test_backward_with_an_expanded_upstream_gradient_and_no_temperature_gradient():
+    """loss.sum().backward() hands the op an expanded (stride 0) gradient; temp without requires_grad
+    gets none: the one-launch backward reads the stride and skips temp's output."""
+    img, img_m, txt, txt_m, img_q, txt_q = make_inputs(6, 50, 24, seed=9)
+    temp = torch.tensor(0.07)
+    grads = []
+    for backend in ("triton", "torch"):
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        with use_backend(backend):
+            loss, _ = itc_loss_bidirectional(a, img_m, b, txt_m, img_q, txt_q, temp, 0.4)
+        loss.sum().backward()
+        grads.append((a.grad, b.grad))
+    assert temp.grad is None
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3])
