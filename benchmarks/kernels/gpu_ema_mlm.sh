@@ -6,9 +6,7 @@
 #   run: bash benchmarks/kernels/gpu_ema_mlm.sh
 set -uo pipefail
 source benchmarks/gpu_env.sh
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUT/device_ema_mlm.txt"
+device_info device_ema_mlm.txt
 timeout 70 python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_ema_mlm_kernels_gpu.py 2>&1 \
     | tee "$OUT/gpu_tests_ema_mlm.log"
 timeout 40 python3 benchmarks/kernels/bench_ema.py --csv "$OUT/kernels.csv" \

@@ -7,9 +7,7 @@
 #   run: bash benchmarks/kernels/gpu_itc.sh        (<= ~150 s on an H100/H200, mostly Triton compiles)
 set -uo pipefail
 source benchmarks/gpu_env.sh
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUT/device_itc.txt"
+device_info device_itc.txt
 T=tests/gpu/test_itc_kernel_gpu.py
 timeout 85 python3 -m pytest -q -s -p no:cacheprovider --durations=0 "$T::test_odd_shape_fp32" \
     "$T::test_full_size_bf16_queue" "$T::test_cuda_graph_replay_matches_eager" \
