@@ -488,7 +488,7 @@ def _tma_ready(*queues: Tensor) -> bool:
     q = queues[0]
     if TensorDescriptor is None or q.shape[0] == 0 or q.dtype not in _LOWP:
         return False
-    if not _dispatch.interpreting() and not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9):
+    if not _dispatch.interpreting() and not (q.is_cuda and _device_props(q.device).major >= 9):
         return False
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
                for t in queues)
@@ -500,8 +500,13 @@ def _row_major(t: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+def _device_props(device: torch.device):
+    """The device's properties, looked up once (read on every forward: SM count, compute capability)."""
+    return torch.cuda.get_device_properties(device)
+
+
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _device_props(device).multi_processor_count
 
 
 def _num_splits(rows: int, Q: int, device: torch.device, directions: int) -> int:

@@ -106,14 +106,18 @@ def pil_equalize(image: Tensor) -> Tensor:
     cost more than they give on one image, 10-50 ms instead of ~2 ms on the loaded 2-core dev machine) and
     in torch on a CUDA tensor; `equalize_lut` is shared.
     """
-    if image.dtype != torch.uint8 or image.dim() != 3:
-        raise ValueError(f"image must be (H, W, C) uint8, got {tuple(image.shape)} {image.dtype}")
+    _check_hwc_uint8(image)
     if image.is_cuda:
         return _equalize_torch(image)
     a = image.numpy()
     hist = np.stack([np.bincount(a[..., c].ravel(), minlength=256) for c in range(a.shape[-1])])
     lut = equalize_lut(torch.from_numpy(hist.astype(np.int64))).numpy().astype(np.uint8)
     return torch.from_numpy(np.stack([lut[c][a[..., c]] for c in range(a.shape[-1])], -1))
+
+
+def _check_hwc_uint8(image: Tensor) -> None:
+    if image.dtype != torch.uint8 or image.dim() != 3:
+        raise ValueError(f"image must be (H, W, C) uint8, got {tuple(image.shape)} {image.dtype}")
 
 
 def _equalize_torch(images: Tensor) -> Tensor:
@@ -132,8 +136,7 @@ def pil_equalize_batch(images: list[Tensor]) -> list[Tensor]:
     batch instead of per image), anything else image by image."""
     if images and images[0].is_cuda and len({tuple(im.shape) for im in images}) == 1:
         for im in images:
-            if im.dtype != torch.uint8 or im.dim() != 3:
-                raise ValueError(f"image must be (H, W, C) uint8, got {tuple(im.shape)} {im.dtype}")
+            _check_hwc_uint8(im)
         return list(_equalize_torch(torch.stack(images)).unbind(0))
     return [pil_equalize(im) for im in images]
 

@@ -17,7 +17,7 @@ stage draws nothing itself).
 
 Overlap. The DALI stage runs in one background thread of the main process (`DaliLoader`, prefetch
 batches ahead, default 2): while the training step of batch i runs, the thread decodes/augments batch
-i+1. A second thread takes the batches from the DataLoader (waiting on the workers, unpickling) up to
+i+1. A second thread takes the batches from the DataLoader (waiting on the workers, receiving) up to
 prefetch batches ahead of the DALI thread, so that this overlaps DALI's work instead of adding to it
 (on an H200 with 8 DALI threads the two in series gave 1,871 images/s against 2,701 for the DALI stage
 alone). Each thread handles the batches strictly in sampler order and DALI draws nothing, so order and

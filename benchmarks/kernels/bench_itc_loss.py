@@ -192,12 +192,9 @@ def host_profile(fn, B: int, calls: int = 50) -> None:
 def breakdown_rows(args) -> list[Row]:
     """Where the GPU time of the Triton path goes (CUDA-graph replay, so without host overhead): the
     split-K kernel alone (queue tiles through TMA where `_tma_ready` allows, and through pointers), the
-    combine kernel alone (and at its former config), the backward (Triton
-    kernel against the torch ops), the op's forward (both), the op's forward + backward with a given
-    upstream gradient and with a mean; with --sweep the split-K kernel at each config (autotuner's list
-    + extras)."""
-    import triton.testing
-
+    combine kernel alone (and at its former config), the backward (Triton kernel against the torch ops),
+    the op's forward (both), the op's forward + backward with a given upstream gradient and with a mean;
+    with --sweep the split-K kernel at each config (autotuner's list + extras)."""
     rows: list[Row] = []
     dev = torch.device("cuda")
     for B in args.batch:
@@ -237,16 +234,16 @@ def breakdown_rows(args) -> list[Row]:
                 directions, temp, ALPHA, config=cfg, stage="split")
         for name, fn in stages.items():
             try:
-                fn()
+                fn()  # compile / autotune outside the timing
                 torch.cuda.synchronize()
-                for t in (inputs["image_feat"], inputs["text_feat"], temp):
-                    t.grad = None
-                q = triton.testing.do_bench_cudagraph(fn, rep=50, quantiles=[0.5, 0.2, 0.8])
-            except Exception as exc:  # a config that does not fit (shared memory) or cannot be captured
+            except Exception as exc:  # a config that does not fit (shared memory)
                 print(f"B={B:4d} {name:28s} failed: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
                 torch.cuda.synchronize()
                 continue
-            p50, p20, p80 = (float(v) for v in q)
+            q = cuda_graph_ms(fn, [inputs["image_feat"], inputs["text_feat"], temp])
+            if q is None:
+                continue
+            p50, p20, p80 = q
             rows.append(Row(op="itc_loss_stage", provider=name, mode="full", metric="time_cuda_graph", unit="ms",
                             x_name="B", x=B, p50=p50, p20=p20, p80=p80, dtype="bf16", shape_config=config))
             print(f"B={B:4d} {name:28s} {1e3 * p50:8.1f} us in a CUDA graph (p20 {1e3 * p20:.1f}, "
