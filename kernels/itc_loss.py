@@ -164,15 +164,116 @@ def itc_loss_streaming_forward(
                 o = torch.addmm(o * scale.unsqueeze(-1), p, k)
                 m = m_new
             m, l, o = m.view(2, B), l.view(2, B), o.view(2, B, -1)
-            lse = m[0] + torch.log(l[0])
-            o = o / l.unsqueeze(-1)  # O and O^m
-            tgt = alpha * o[1] + (1.0 - alpha) * keys_m.to(acc)
-            qa = x[0]
-            losses.append((lse - (qa * tgt).sum(-1) / t).mean())
-            g = (o[0] - tgt) / t  # dL_i/dq_i
-            dqs.append(g / B)
-            dtemps.append(-(qa * g).sum() / t / B)
+            out = _from_softmax_sums(x[0], m[0] + torch.log(l[0]), o / l.unsqueeze(-1), keys_m.to(acc), t, alpha)
+            for results, r in zip((losses, dqs, dtemps), out):
+                results.append(r)
             sims.append(sim)
+    return torch.stack(losses), torch.stack(sims), torch.stack(dqs), torch.stack(dtemps)
+
+
+def _from_softmax_sums(q: Tensor, lse: Tensor, o: Tensor, keys_m: Tensor, t: Tensor, alpha: float
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """One direction's mean loss, d(mean loss)/dq and d(mean loss)/dT from the identity's per-row sums.
+
+    Args:
+        q: (B, D) online queries.  lse: (B,) log-sum-exp of their logits over all keys.
+        o: (2, B, D) O (online rows) and O^m (momentum rows), the softmax-weighted means of the keys.
+        keys_m: (B, D) in-batch keys (row i is the positive of row i).  t: () temperature.
+    """
+    B = q.shape[0]
+    tgt = alpha * o[1] + (1.0 - alpha) * keys_m  # sum_j t_ij k_j
+    g = (o[0] - tgt) / t  # dL_i/dq_i
+    loss = (lse - (q * tgt).sum(-1) / t).mean()
+    return loss, g / B, -(q * g).sum() / t / B
+
+
+# --- SDPA path: O and LSE from PyTorch's fused attention kernels (a candidate, opt-in) --------------
+# The identity's sums are an attention forward with queries [q; q_m] / T and K = V = the keys, so any
+# flash-attention kernel that returns the log-sum-exp computes them (cuDNN's on Hopper is FA3-class).
+# The queue is cut into equal chunks that go in as the attention's batch (a view, no copy) with the
+# same queries for each, so a few hundred query rows still fill the GPU (split-K by batching); a ragged
+# tail chunk and the B in-batch keys (whose logits are also the (B, B) block the hard-negative sampler
+# needs) run separately, and the partial (O, LSE) merge in fp32. Not chosen by `_choose_path`: a
+# benchmark candidate for the B = 64 target (bench_itc_loss.py --providers sdpa_cudnn ...) until a GPU
+# run shows it beats the Triton path. Backward is the fused paths' (the forward holds dq and dT).
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "cpu")
+
+
+def _attend(x: Tensor, keys: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """softmax(x keys^T) keys and its log-sum-exp per row, unscaled, for x (N, L, D), keys (N, M, D)
+    (one head; N independent problems). Returns O (N, L, D) in x's dtype and LSE (N, L), fp32 at least."""
+    xq, k = x.unsqueeze(1), keys.unsqueeze(1)  # (N, 1, L, D): batch, heads, sequence, dim
+    aten = torch.ops.aten
+    if backend == "cudnn":
+        o, lse = aten._scaled_dot_product_cudnn_attention(xq, k, k, None, True, 0.0, False, False, scale=1.0)[:2]
+    elif backend == "flash":
+        o, lse = aten._scaled_dot_product_flash_attention(xq, k, k, 0.0, False, False, scale=1.0)[:2]
+    elif backend == "efficient":
+        o, lse = aten._scaled_dot_product_efficient_attention(xq, k, k, None, True, 0.0, False, scale=1.0)[:2]
+    elif backend == "cpu":
+        o, lse = aten._scaled_dot_product_flash_attention_for_cpu(xq, k, k, 0.0, False, scale=1.0)
+    else:
+        raise ValueError(f"SDPA backend must be one of {SDPA_BACKENDS}, got {backend!r}")
+    L = x.shape[1]
+    lse = lse.reshape(x.shape[0], -1)[:, :L]  # the efficient kernel pads L to a multiple of 32
+    return o.reshape(x.shape), lse.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _sdpa_chunk(Q: int, rows: int, device: torch.device) -> int:
+    """Queue rows per chunk: about two programs per SM at 128 query rows per program, chunks of at
+    least 512 rows (a multiple of 128)."""
+    target = 2 * _sm_count(device) if device.type == "cuda" else 4
+    chunks = max(1, target // math.ceil(rows / 128))
+    return max(512, math.ceil(Q / chunks / 128) * 128)
+
+
+@torch.no_grad()
+def itc_loss_sdpa_forward(
+    directions: list[Direction], temp: Tensor, alpha: float, *, backend: str | None = None,
+    chunk: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`itc_loss_streaming_forward`'s contract, the queue's share computed by `_attend`.
+
+    Args:
+        backend: one of SDPA_BACKENDS (default: "cudnn" on CUDA, "cpu" elsewhere). "flash" takes
+            16-bit queues only.
+        chunk: queue rows per batched attention problem (default `_sdpa_chunk`).
+    The queries are rounded to the queue's dtype for the attention (as the Triton path does on the
+    GPU); the in-batch logits, the merge and the tail are fp32.
+    """
+    losses, sims, dqs, dtemps = [], [], [], []
+    for q, q_m, keys_m, queue in directions:
+        B, D = q.shape
+        Q = queue.shape[0]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        name = backend or ("cudnn" if q.is_cuda else "cpu")
+        with torch.autocast(q.device.type, enabled=False):
+            t = temp.to(acc)
+            x = torch.cat([q, q_m]).to(acc)  # (2B, D)
+            xs = x / t
+            km = keys_m.to(acc)
+            s_b = xs @ km.t()  # (2B, B) in-batch logits, fp32
+            lses = [torch.logsumexp(s_b, dim=1)[None]]
+            outs = [(torch.softmax(s_b, dim=1) @ km)[None]]
+            xq = xs.to(queue.dtype)
+            size = chunk or _sdpa_chunk(Q, 2 * B, q.device)
+            n_main = Q // size
+            if n_main:  # equal chunks as the batch: a view of the queue, the queries expanded (stride 0)
+                o, lse = _attend(xq.expand(n_main, -1, -1), queue[: n_main * size].view(n_main, size, D), name)
+                outs.append(o.to(acc))
+                lses.append(lse)
+            if Q > n_main * size:  # the ragged tail
+                o, lse = _attend(xq[None], queue[n_main * size:][None], name)
+                outs.append(o.to(acc))
+                lses.append(lse)
+            lse_parts = torch.cat(lses)  # (P, 2B)
+            lse = torch.logsumexp(lse_parts, dim=0)  # (2B,)
+            w = torch.exp(lse_parts - lse)  # each part's share of the row's softmax mass
+            o = torch.einsum("pr,prd->rd", w, torch.cat(outs)).view(2, B, D)
+            out = _from_softmax_sums(x[:B], lse[:B], o, km, t, alpha)
+        for results, r in zip((losses, dqs, dtemps), out):
+            results.append(r)
+        sims.append(s_b[:B])
     return torch.stack(losses), torch.stack(sims), torch.stack(dqs), torch.stack(dtemps)
 
 
@@ -433,9 +534,13 @@ if triton is not None:
         _config(128, 32, 8, 3),
     ]
 
+    # QUEUE_DTYPE: with TMA the queues arrive as descriptors, whose dtype the autotuner's own per-tensor
+    # dtype key does not see (bf16 and fp16 queues would share one tuned config). The autotuner skips
+    # key names that are not parameters without a word; tests/unit/test_itc_kernel.py checks them.
+    _AUTOTUNE_KEY = ["B", "CHUNK", "D", "LOWP_DOT", "USE_TMA", "QUEUE_DTYPE"]
     if not _dispatch.interpreting():  # autotune needs a GPU driver; the interpreter keeps one config
         _itc_loss_fwd_kernel = triton.autotune(
-            configs=_FWD_CONFIGS, key=["B", "CHUNK", "D", "LOWP_DOT", "USE_TMA"],
+            configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY,
             prune_configs_by={"early_config_prune": _prune_configs},
         )(_itc_loss_fwd_kernel)
 
@@ -630,7 +735,9 @@ def _forward(directions: list[Direction], temp: Tensor, alpha: float, path: str)
         return _triton_forward(directions, temp, alpha)
     if path == "streaming":
         return itc_loss_streaming_forward(directions, temp, alpha)
-    raise ValueError(f"itc_loss path must be 'triton' or 'streaming', got {path!r}")
+    if path == "sdpa" or path.startswith("sdpa:"):  # "sdpa:<backend>" names the attention kernel
+        return itc_loss_sdpa_forward(directions, temp, alpha, backend=path[5:] or None)
+    raise ValueError(f"itc_loss path must be 'triton', 'streaming' or 'sdpa[:<backend>]', got {path!r}")
 
 
 def _backward(dq: Tensor, dtemp: Tensor, grad_loss: Tensor | None, need_q: list[bool], need_temp: bool,

@@ -10,6 +10,8 @@ features and to the temperature), same inputs, same run:
   torch          itc_loss_reference per direction (the eager formulation, the baseline)
   torch_compile  torch.compile of the same reference
   triton_s<S>    (with --splits) the kernel at a forced number of queue splits, for tuning
+  sdpa_<backend> the SDPA path (O and LSE from PyTorch's fused attention: cudnn, flash, efficient),
+                 a candidate for the B = 64 target; a backend that refuses the shapes is reported
 Each is timed twice: eagerly (do_bench; includes the host's launch overhead whenever the host is the
 slower side) and replayed from a CUDA graph (do_bench_cudagraph; GPU time alone).
 Features are fp32 (as the model produces them); --queue-dtype sets the two queues' dtype. Figures:
@@ -81,6 +83,15 @@ def streaming_both(image_feat, image_feat_m, text_feat, text_feat_m, image_queue
     return loss.mean()
 
 
+def sdpa_both(backend: str):
+    def loss_fn(image_feat, image_feat_m, text_feat, text_feat_m, image_queue, text_queue, temp):
+        directions = [(image_feat, image_feat_m, text_feat_m, text_queue),
+                      (text_feat, text_feat_m, image_feat_m, image_queue)]
+        loss, _ = itc_loss_fused(directions, temp, ALPHA, f"sdpa:{backend}")
+        return loss.mean()
+    return loss_fn
+
+
 def fwd_bwd(loss_fn, inputs):
     return lambda: loss_fn(**inputs).backward()
 
@@ -110,7 +121,8 @@ def gpu_rows(args) -> list[Row]:
             N = B + args.queue
             flops = 16.0 * B * N * args.dim
             nbytes = 2 * args.queue * args.dim * DTYPES[qname].itemsize + 4 * B * args.dim * 4
-            providers = {"triton": fused_both, "torch": reference_both}
+            providers = {"triton": fused_both, "torch": reference_both,
+                         **{f"sdpa_{b}": sdpa_both(b) for b in ("cudnn", "flash", "efficient")}}
             if "torch_compile" in args.providers and B in args.compile_batch:
                 providers["torch_compile"] = torch.compile(reference_both)
             providers = {k: v for k, v in providers.items() if k in args.providers}
@@ -138,6 +150,12 @@ def gpu_rows(args) -> list[Row]:
                     p50, p20, p80 = time_fn(fn, grad_to_none=grads, warmup=args.warmup, rep=args.rep)
                     mem = peak_memory_mib(fn)
                     graph_ms = cuda_graph_ms(fn, grads)
+                except RuntimeError as exc:  # an SDPA backend that refuses these shapes or dtypes
+                    if not name.startswith("sdpa"):
+                        raise
+                    print(f"B={B:4d} queue={qname} {name:14s} failed: {str(exc)[:160]}", flush=True)
+                    torch.cuda.synchronize()
+                    continue
                 finally:
                     if saved is not None:
                         itc_module._num_splits = saved
@@ -194,7 +212,8 @@ def breakdown_rows(args) -> list[Row]:
     split-K kernel alone (queue tiles through TMA where `_tma_ready` allows, and through pointers), the
     combine kernel alone (and at its former config), the backward (Triton kernel against the torch ops),
     the op's forward (both), the op's forward + backward with a given upstream gradient and with a mean;
-    with --sweep the split-K kernel at each config (autotuner's list + extras)."""
+    with --sweep the split-K kernel at each config (autotuner's list + extras). Then the SDPA candidate per
+    backend: its attention calls of both directions alone, and its forward + backward."""
     rows: list[Row] = []
     dev = torch.device("cuda")
     for B in args.batch:
@@ -226,6 +245,14 @@ def breakdown_rows(args) -> list[Row]:
             "fwd_bwd_upstream": op_fwd_bwd,
             "fwd_bwd_mean": fwd_bwd(fused_both, inputs),
         }
+        for b in ("cudnn", "flash", "efficient"):  # the SDPA candidate: its attention calls alone, then whole
+            chunk = itc_module._sdpa_chunk(args.queue, 2 * B, dev)
+            n = args.queue // chunk
+            xs = [torch.cat([d[0], d[1]]).detach().to(torch.bfloat16).expand(n, -1, -1) for d in directions]
+            keys = [d[3][: n * chunk].view(n, chunk, -1) for d in directions]
+            stages[f"sdpa_{b}_attention"] = lambda b=b, xs=xs, keys=keys: [
+                itc_module._attend(x, k, b) for x, k in zip(xs, keys)]
+            stages[f"sdpa_{b}_fwd_bwd_mean"] = fwd_bwd(sdpa_both(b), inputs)
         sweep = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                  for c in itc_module._FWD_CONFIGS] + EXTRA_CONFIGS if args.sweep else []
         for m, n, w, st in sweep:
@@ -284,7 +311,8 @@ def main() -> None:
     p.add_argument("--queue", type=int, default=65536)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--queue-dtype", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
-    p.add_argument("--providers", nargs="+", default=["triton", "torch", "torch_compile"])
+    p.add_argument("--providers", nargs="+", default=["triton", "torch", "torch_compile"],
+                   help="triton torch torch_compile sdpa_cudnn sdpa_flash sdpa_efficient")
     p.add_argument("--compile-batch", type=int, nargs="+", default=[64], help="batches with torch_compile")
     p.add_argument("--splits", type=int, nargs="*", default=[], help="extra triton runs, forced splits")
     p.add_argument("--warmup", type=int, default=25)

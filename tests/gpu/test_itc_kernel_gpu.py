@@ -116,6 +116,26 @@ def test_full_size_other_queue_loads(queue_dtype, tma, monkeypatch):
         assert_no_worse_than_torch(run(fused, inputs, temp), oracle, run(torch_at(None), inputs, temp), 2, 2e-6)
 
 
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient"])
+def test_full_size_sdpa_path(backend):
+    """The SDPA candidate path (kernels/itc_loss.py: O and LSE from PyTorch's fused attention) at full
+    size with bf16 queues, same rule as the kernel. A backend that refuses the shapes is skipped with
+    its own message (reported, not passed)."""
+    from albef_kernels.itc_loss import itc_loss_fused
+
+    def sdpa(img, img_m, txt, txt_m, img_q, txt_q, t):
+        return itc_loss_fused([(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)], t, ALPHA, f"sdpa:{backend}")
+
+    inputs = make_inputs(B, Q, D, torch.float32, torch.bfloat16, seed=4)
+    temp = torch.tensor(0.07, device="cuda")
+    try:
+        out = run(sdpa, inputs, temp)
+    except RuntimeError as exc:
+        pytest.skip(f"{backend} refused: {str(exc)[:200]}")
+    oracle = run(torch_at(torch.float64), [x.double() for x in inputs], temp.double())
+    assert_no_worse_than_torch(out, oracle, run(torch_at(torch.bfloat16), inputs, temp), factor=2, floor=1e-6)
+
+
 def test_odd_shape_fp32():
     """Non-power-of-2 D (masked columns), B not a multiple of the row block, a queue split unevenly."""
     inputs = make_inputs(37, 1000, 200, torch.float32, torch.float32, seed=2)

@@ -329,7 +329,55 @@ def test_repeated_calls_are_identical():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("path", ["triton", "streaming"])
+# --- SDPA path (PyTorch's fused attention for the queue's share; a benchmark candidate) -------------
+
+
+@pytest.mark.parametrize("B, Q, D, alpha, chunk", [
+    (5, 1100, 24, 0.4, 300),  # three equal chunks and a ragged tail
+    (5, 37, 24, 0.4, 512),  # the tail alone
+    (7, 256, 16, 0.4, 64),  # equal chunks only
+    (4, 0, 8, 1.0, 512),  # no queue: the in-batch keys alone
+    (1, 19, 6, 0.0, 8),
+])
+def test_sdpa_path_matches_reference_float64(B, Q, D, alpha, chunk, monkeypatch):
+    """Loss, in-batch block and every gradient of the SDPA path (CPU flash-attention kernel, fp64)
+    against the reference, through the same autograd Function as the other fused paths."""
+    monkeypatch.setattr(itc_module, "_sdpa_chunk", lambda *a: chunk)
+    inputs = make_inputs(B, Q, D, feat_dtype=torch.float64, queue_dtype=torch.float64, seed=4)
+    temp = torch.tensor(0.07, dtype=torch.float64)
+    weights = torch.tensor([0.3, 0.9], dtype=torch.float64)
+    ref = reference_both(inputs, temp, alpha, weights)
+    img, img_m, txt, txt_m, img_q, txt_q = inputs
+    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    t = temp.clone().requires_grad_()
+    loss, sim = itc_loss_fused([(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)], t, alpha, "sdpa")
+    (weights * loss).sum().backward()
+    assert_all_close((loss.detach(), sim, img.grad, txt.grad, t.grad), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_sdpa_path_bf16_queue_and_bad_backend():
+    """bf16 queues: the attention runs in bf16 (queries rounded to it, O rounded to it), so the path
+    must stay within twice the error of the reference computed at the same precision, both against
+    the fp32 reference on the same bf16 values. An unknown backend is refused by name."""
+    inputs = make_inputs(6, 300, 32, queue_dtype=torch.bfloat16, seed=8)
+    temp, weights = torch.tensor(0.07), torch.tensor([0.5, 0.5])
+    ref = reference_both(inputs, temp, 0.4, weights)
+    img, img_m, txt, txt_m, img_q, txt_q = inputs
+    img_r, txt_r = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    t = temp.clone().requires_grad_()
+    loss, sim = itc_loss_fused([(img_r, img_m, txt_m, txt_q), (txt_r, txt_m, img_m, img_q)], t, 0.4, "sdpa")
+    (weights * loss).sum().backward()
+    out = (loss.detach(), sim, img_r.grad, txt_r.grad, t.grad)
+    low = [x.to(torch.bfloat16) for x in inputs]  # PyTorch's own bf16 error: the reference in bf16
+    bf16 = reference_both(low, temp.to(torch.bfloat16), 0.4, weights.to(torch.bfloat16))
+    for name, a, b, r in zip(NAMES, out, bf16, ref):
+        err, own = (a.double() - r.double()).abs().max(), (b.double() - r.double()).abs().max()
+        assert err <= 2 * own, f"{name}: SDPA path error {err:.3g} > 2 x bf16 reference error {own:.3g}"
+    with pytest.raises(ValueError, match="SDPA backend must be one of"):
+        itc_loss_fused([(img, img_m, txt_m, txt_q)], temp, 0.4, "sdpa:nope")
+
+
+@pytest.mark.parametrize("path", ["triton", "streaming", "sdpa"])
 def test_op_registration_opcheck(path):
     """torch.library's own checks of the op: schema, fake (meta) implementation, autograd registration."""
     img, img_m, txt, txt_m, img_q, txt_q = make_inputs(4, 19, 8, seed=6)
@@ -459,6 +507,16 @@ def test_launch_count(monkeypatch):
     launched = [op for op in whole.ops if op not in views]
     assert launched == ["empty.memory_format"] * 9, launched
     assert launches == ["forward", "combine", "forward", "combine", "backward"]
+
+
+def test_autotune_key_names_kernel_parameters():
+    """Every name in the autotune key is a parameter of the split-K kernel (Triton drops unknown names
+    silently), and the queue dtype is among them (TMA descriptors hide it from the autotuner)."""
+    kernel = itc_module._itc_loss_fwd_kernel
+    if isinstance(kernel, itc_module.triton.runtime.Autotuner):  # on a GPU: the bare kernel inside
+        kernel = kernel.fn
+    assert set(itc_module._AUTOTUNE_KEY) <= set(kernel.arg_names), set(itc_module._AUTOTUNE_KEY) - set(kernel.arg_names)
+    assert "QUEUE_DTYPE" in itc_module._AUTOTUNE_KEY
 
 
 def test_fp32_config_pruning():
