@@ -197,6 +197,7 @@ def _from_softmax_sums(q: Tensor, lse: Tensor, o: Tensor, keys_m: Tensor, t: Ten
 # benchmark candidate for the B = 64 target (bench_itc_loss.py --providers sdpa_cudnn ...) until a GPU
 # run shows it beats the Triton path. Backward is the fused paths' (the forward holds dq and dT).
 SDPA_BACKENDS = ("cudnn", "flash", "efficient", "cpu")
+_SDPA_COPY_QUERIES: set[str] = set()  # backends seen to refuse the expanded (stride-0) query batch
 
 
 def _attend(x: Tensor, keys: Tensor, backend: str) -> tuple[Tensor, Tensor]:
@@ -259,7 +260,16 @@ def itc_loss_sdpa_forward(
             size = chunk or _sdpa_chunk(Q, 2 * B, q.device)
             n_main = Q // size
             if n_main:  # equal chunks as the batch: a view of the queue, the queries expanded (stride 0)
-                o, lse = _attend(xq.expand(n_main, -1, -1), queue[: n_main * size].view(n_main, size, D), name)
+                xb, kb = xq.expand(n_main, -1, -1), queue[: n_main * size].view(n_main, size, D)
+                if name in _SDPA_COPY_QUERIES:
+                    xb = xb.contiguous()
+                try:
+                    o, lse = _attend(xb, kb, name)
+                except RuntimeError:  # a kernel that refuses a stride-0 batch: copy the queries, once
+                    if name in _SDPA_COPY_QUERIES or xb.stride(0) != 0:
+                        raise
+                    _SDPA_COPY_QUERIES.add(name)
+                    o, lse = _attend(xb.contiguous(), kb, name)
                 outs.append(o.to(acc))
                 lses.append(lse)
             if Q > n_main * size:  # the ragged tail

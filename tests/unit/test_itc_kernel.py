@@ -355,6 +355,32 @@ def test_sdpa_path_matches_reference_float64(B, Q, D, alpha, chunk, monkeypatch)
     assert_all_close((loss.detach(), sim, img.grad, txt.grad, t.grad), ref, rtol=1e-10, atol=1e-12)
 
 
+def test_sdpa_path_copies_the_queries_for_a_kernel_refusing_a_stride_0_batch(monkeypatch):
+    """A backend that rejects the expanded queries gets them copied (and from then on directly); the
+    result is unchanged."""
+    monkeypatch.setattr(itc_module, "_sdpa_chunk", lambda *a: 64)
+    monkeypatch.setattr(itc_module, "_SDPA_COPY_QUERIES", set())
+    real, calls = itc_module._attend, []
+
+    def picky(x, keys, backend):
+        calls.append(x.stride(0))
+        if x.shape[0] > 1 and x.stride(0) == 0:
+            raise RuntimeError("no stride-0 batch")
+        return real(x, keys, backend)
+
+    inputs = make_inputs(5, 200, 16, seed=3)
+    img, img_m, txt, txt_m, img_q, txt_q = inputs
+    directions = [(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)]
+    temp = torch.tensor(0.07)
+    expected = itc_module.itc_loss_sdpa_forward(directions, temp, 0.4)
+    monkeypatch.setattr(itc_module, "_attend", picky)
+    out = itc_module.itc_loss_sdpa_forward(directions, temp, 0.4)
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert itc_module._SDPA_COPY_QUERIES == {"cpu"}
+    assert calls[:2] == [0, 10 * 16] and 0 not in calls[2:]  # refused once, copied from then on
+
+
 def test_sdpa_path_bf16_queue_and_bad_backend():
     """bf16 queues: the attention runs in bf16 (queries rounded to it, O rounded to it), so the path
     must stay within twice the error of the reference computed at the same precision, both against
