@@ -41,6 +41,8 @@ that batch with the PIL twin instead and counts it (`loader.DaliLoader`).
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Sequence
 from typing import Literal
 
@@ -62,6 +64,31 @@ from albef_fast.data.transforms import (
 
 __all__ = ["OP_CODES", "DaliImagePipeline", "affine_matrix", "dali_unavailable_reason", "equalize_lut", "pil_equalize",
            "pil_equalize_batch", "sample_inputs"]
+
+def _disown_pipelines_after_fork() -> None:
+    """In a child forked from a process that built DALI pipelines (DataLoader workers start by fork):
+    drop every pipeline's native handle without shutting it down. The child holds copies of pipelines
+    whose worker threads exist only in the parent; a pipeline that was garbage at the fork (a reference
+    cycle, e.g. one dropped by `DaliImagePipeline.reset`) is finalised wherever the cycle collector next
+    runs, and DALI's shutdown in the child then segfaults (seen as SIGSEGV in loader workers forked
+    after DALI had run: tests/unit/test_data_dali.py reproduces it). Uses DALI's registry of pipelines
+    (`Pipeline._pipes`, weak references); nothing to do if DALI was never imported. The native pipelines
+    are kept referenced here for the child's life: destroying one joins its threads too (a hang). Loader
+    workers leave through os._exit, which runs no destructor."""
+    module = sys.modules.get("nvidia.dali.pipeline")
+    for ref in list(getattr(getattr(module, "Pipeline", None), "_pipes", ())):
+        pipe = ref()
+        if pipe is not None and getattr(pipe, "_pipe", None) is not None:
+            _DISOWNED.append(pipe._pipe)
+            pipe._pipe = None  # Pipeline._shutdown is then a no-op; the parent's pipeline is untouched
+
+
+_DISOWNED: list = []
+"""In a forked child: the native DALI pipelines inherited from the parent, never shut down or destroyed."""
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_pipelines_after_fork)
 
 # Op codes fed to the graph (0 = slot not applied / Identity).
 OP_CODES = {"Identity": 0, "AutoContrast": 1, "Equalize": 2, "Brightness": 3, "Sharpness": 4,

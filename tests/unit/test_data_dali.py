@@ -4,9 +4,13 @@ within a few grey levels; the loader's backends agree; backend choice; the PIL f
 
 from __future__ import annotations
 
+import gc
 import io
 import json
+import os
 import random
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -261,6 +265,37 @@ def test_dali_failure_falls_back_to_pil(corpus, monkeypatch):
     assert ds.events.totals()["dali_batch_fallback"] == 2
     for a, b in zip(pil, dali):
         assert torch.equal(a.image, b.image)  # the PIL twin from the same params: bit-identical
+
+
+def test_pipeline_garbage_is_not_shut_down_in_a_forked_child():
+    """A DALI pipeline that is cyclic garbage when a loader worker forks is finalised wherever the cycle
+    collector runs next, possibly in the child, where DALI's shutdown joins threads that exist only in the
+    parent: SIGSEGV (DataLoader workers forked after the DALI tests died of it). The child must exit
+    cleanly; the parent shuts the pipeline down as usual."""
+    pipe = DaliImagePipeline(16, "none", 2, device="cpu", num_threads=2)
+    pipe([_png(_picture(32))] * 2, [None, None])  # built and run: DALI's threads exist
+    inner = pipe._pipe
+    inner.self_reference = inner  # only the cycle collector frees it
+    del pipe, inner
+    gc.disable()  # keep it pending until after the fork
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: collect (runs the finaliser) and leave without pytest's teardown
+            gc.collect()
+            os._exit(0)
+    finally:
+        gc.enable()
+    deadline = time.monotonic() + 20
+    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = done[1]
+    if not done[0]:  # without the fix the child may hang in DALI's shutdown instead of crashing
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("forked child hung for 20 s finalising a DALI pipeline")
+    gc.collect()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+        f"forked child died (signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else None})")
 
 
 def test_choose_backend():
