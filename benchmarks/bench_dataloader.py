@@ -85,7 +85,8 @@ def measure(samples, backend: str, args, prefetch: int) -> list[float]:
 def breakdown(samples, backend: str, args) -> list[tuple[str, list[float]]]:
     """Where a DALI backend's time goes: each stage alone, images/s (one rate per epoch, sorted).
 
-    host          the DataLoader of encoded batches (workers: read, validate, draw params, tokenise, mask)
+    host          the DataLoader of encoded batches (workers: read, validate, draw params, tokenise, mask);
+                  also the main process's CPU time per batch spent receiving them
     dali          the DALI stage alone on those batches held in memory (no workers, no prefetch thread)
     dali-no-eq    the same with every Equalize op replaced by Identity (Equalize is a Python operator)
     dali-no-ra    the same with no RandomAugment op (decode, crop-resize, flip, normalise)
@@ -114,11 +115,14 @@ def breakdown(samples, backend: str, args) -> list[tuple[str, list[float]]]:
         return sorted(rates)
 
     held: list = []
+    host_cpu: list[float] = []  # the main process's CPU ms per batch while it takes them from the workers
 
     def host() -> int:
         held.clear()
         sampler.set_epoch(0)
+        c0 = time.process_time()
         held.extend(loader.loader)  # the DaliLoader's DataLoader of EncodedBatch
+        host_cpu.append((time.process_time() - c0) * 1e3 / max(1, len(held)))
         return sum(len(b.encoded) for b in held)
 
     def without(drop: set[str] | None):
@@ -134,6 +138,8 @@ def breakdown(samples, backend: str, args) -> list[tuple[str, list[float]]]:
         return run
 
     out = [("host", timed(host))]
+    print(f"  {backend} stage host: main-process CPU {float(np.median(host_cpu[1:] or host_cpu)):.2f} ms per batch "
+          f"(receiving the workers' batches)")
     for name, drop in (("dali", set()), ("dali-no-eq", {"Equalize"}), ("dali-no-ra", None)):
         out.append((name, timed(without(drop))))
     return out

@@ -175,6 +175,23 @@ def _same(a, b) -> bool:
 
 
 @pytest.mark.parametrize("workers", [0, 1])
+def test_encoded_batches_carry_the_files_in_one_shared_tensor(corpus, workers):
+    """A batch's files travel as one uint8 tensor plus offsets (shared memory from a worker, not pickled
+    arrays); `encoded` gives back each sample's validated file exactly."""
+    ds = PretrainDataset(corpus, tr.ImageTransform(32, "pretrain"), max_text_len=10, image_mode="encoded")
+    sampler = ResumableBatchSampler(len(ds), 4, seed=7)
+    sampler.set_epoch(0)
+    loader = build_loader(ds, sampler, "dali_cpu", num_workers=workers, pin_memory=False)
+    batches = list(loader.loader)
+    assert [len(b.encoded) for b in batches] == [4, 4]
+    for batch in batches:
+        assert batch.data.dtype == torch.uint8 and batch.data.is_shared() == (workers > 0)
+        assert batch.offsets.tolist()[-1] == batch.data.numel()
+        for got, (index, seed) in zip(batch.encoded, batch.keys):
+            assert np.array_equal(got, ds[(index, seed)]["encoded"])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
 def test_prefetch_thread_keeps_order_and_content(corpus, workers):
     sync, _ = _epoch(corpus, "dali_cpu", workers, dali_prefetch=0)
     for depth in (1, 3):
