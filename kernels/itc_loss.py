@@ -23,11 +23,11 @@ Paths, all behind `itc_loss` (one direction) and `itc_loss_bidirectional` (both,
   reference  `itc_loss_reference`: several (B, N) fp32 tensors; the oracle, kept as written.
   triton     (CUDA, or the interpreter under use_backend("triton")) split-K ("flash-decoding"): the
              rows of a direction are X = [q; q_m] (2B rows sharing every key); program (row block of X,
-             split s, direction) streams its chunk of the keys with an online log-sum-exp in registers
-             and writes per-split (max, sum, O) partials; a combine kernel (one program per row and
-             direction) merges the splits and writes dq and the loss and dT rows, and the last of its
-             programs to arrive (an atomic counter, zeroed by the forward kernel) sums the rows in a
-             fixed order. Split 0 also streams the in-batch keys and writes the (B, B) block.
+             split s, direction) streams its chunk of the queue with an online log-sum-exp in registers
+             and writes per-split (max, sum, O) partials; a combine kernel (one program per sample and
+             direction) takes the B in-batch keys itself (fp32 logits, writing the (B, B) block), merges
+             them with the splits and writes dq and the loss and dT rows, and the last of its programs
+             to arrive (an atomic counter, zeroed by the forward kernel) sums the rows in a fixed order.
   streaming  plain PyTorch, the same identity chunked over the queue (O(B*chunk + B*D) memory): the
              CPU fallback for large shapes (B * (B + Q) >= STREAMING_MIN_LOGITS) and for inputs the
              kernel does not cover.
@@ -48,7 +48,8 @@ when compiling (no graph break); eager calls take an autograd.Function around th
 host path is cheaper than the registered op's Python dispatch.
 Precision: fp32 accumulation throughout. bf16/fp16 queues run bf16/fp16 tensor-core dots (the queries
 are rounded to the queue's dtype, softmax weights to the same before the P @ K product, as in
-FlashAttention); fp32 queues use 3xTF32 dots (~fp32 accuracy). The interpreter always computes fp32.
+FlashAttention); fp32 queues use 3xTF32 dots (~fp32 accuracy); the in-batch keys (the combine kernel's) are
+fp32 CUDA-core dot products in every case. The interpreter always computes fp32.
 Envelope (Triton): D <= 256, features and queues fp32/bf16/fp16 (each its own dtype), every feature of
 one call in one dtype and the queues in one dtype, no gradient needed to q_m, keys_m or queue (ALBEF's
 momentum tensors carry none), index spans < 2^31. Anything else runs the streaming or reference path.
@@ -292,35 +293,37 @@ if triton is not None:
 
     @triton.jit
     def _itc_loss_fwd_kernel(
-        Q0_ptr, QM0_ptr, K0_ptr, QU0,  # direction 0: q, q_m, keys_m (B, D) features; queue (Q, D): a
-        Q1_ptr, QM1_ptr, K1_ptr, QU1,  # pointer, or a TMA descriptor with USE_TMA; direction 1 likewise
+        Q0_ptr, QM0_ptr, QU0,  # direction 0: q, q_m (B, D) features; queue (Q, D): a pointer, or a TMA
+        Q1_ptr, QM1_ptr, QU1,  # descriptor with USE_TMA; direction 1 likewise
         Temp_ptr,  # () temperature
-        Work_ptr,  # fp32 workspace: PartM, PartL (R, 2, S, B) each, PartO (R, 2, S, B, D); layout in _triton_forward
-        Sim_ptr,  # (R, B, B) fp32: in-batch logits of the online rows
+        Work_ptr,  # fp32 workspace: PartM, PartL (R, S, ROWS) each, PartO (R, S, ROWS, D); see _triton_forward
+        PO,  # with USE_TMA: a TMA descriptor of PartO as (R * S * ROWS, D), block [BLOCK_M, BLOCK_D]
         Count_ptr,  # (R,) int32: the combine kernel's arrival counters, zeroed here
-        stride_q0, stride_qm0, stride_k0, stride_qu0,  # row strides (the last dim is contiguous)
-        stride_q1, stride_qm1, stride_k1, stride_qu1,
-        B, Q, CHUNK, S,  # batch, queue rows, queue rows per split, number of splits
+        stride_q0, stride_qm0, stride_qu0,  # row strides (the last dim is contiguous)
+        stride_q1, stride_qm1, stride_qu1,
+        B, Q, CHUNK, S, ROWS,  # batch, queue rows, queue rows per split, splits, partial rows per split
         D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         LOWP_DOT: tl.constexpr,  # dots in the queue's 16-bit dtype (else fp32 inputs)
         PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 inputs ("tf32x3" on GPU, "ieee")
         QUEUE_DTYPE: tl.constexpr,  # the queues' element type
-        USE_TMA: tl.constexpr,  # queue tiles through TMA descriptors (block [BLOCK_N, BLOCK_D]) or pointers
+        USE_TMA: tl.constexpr,  # queue tiles in and the O partial out through TMA descriptors, or pointers
     ):
         # The rows of a direction are X = [q; q_m] (2B rows): online and momentum queries share every
         # key, so one program takes up to BLOCK_M of them and loads each key tile once for both (at
         # B = 64 a 128-row block holds the whole direction: 2 x S programs in all). Program id 0 runs
         # fastest: the row blocks of one split are launched side by side and share its keys in L2.
+        # Only queue keys here: the B in-batch keys (and their logits, the (B, B) block) are the
+        # combine kernel's, so every split does the same work and this loop is all the kernel holds in
+        # registers (with the O partial stored through TMA: 96 B of spill at 128 x 64 on sm_90 against
+        # ~1.1 KB with the in-batch loop and a pointer store; benchmarks/kernels/sm90_resources.py).
         pid_r = tl.program_id(0)
         pid_s = tl.program_id(1)
         dirn = tl.program_id(2)
         if dirn == 0:
-            Q_ptr, QM_ptr, stride_q, stride_qm = Q0_ptr, QM0_ptr, stride_q0, stride_qm0
-            Kb_ptr, stride_kb, Qu, stride_qu = K0_ptr, stride_k0, QU0, stride_qu0
+            Q_ptr, QM_ptr, stride_q, stride_qm, Qu, stride_qu = Q0_ptr, QM0_ptr, stride_q0, stride_qm0, QU0, stride_qu0
         else:
-            Q_ptr, QM_ptr, stride_q, stride_qm = Q1_ptr, QM1_ptr, stride_q1, stride_qm1
-            Kb_ptr, stride_kb, Qu, stride_qu = K1_ptr, stride_k1, QU1, stride_qu1
+            Q_ptr, QM_ptr, stride_q, stride_qm, Qu, stride_qu = Q1_ptr, QM1_ptr, stride_q1, stride_qm1, QU1, stride_qu1
         if LOWP_DOT:
             dot_ty = QUEUE_DTYPE
         else:
@@ -335,34 +338,16 @@ if triton is not None:
         offs_i = tl.where(is_m, offs_r - B, offs_r)  # its sample
         d_ok = offs_d < D  # constant-folded when D == BLOCK_D
         # a block may straddle q and q_m: two masked loads, each row from one of them; padded rows load
-        # zeros (finite logits, never stored)
+        # zeros (finite partials, never read)
         on_ok = (row_ok & (offs_r < B))[:, None] & d_ok[None, :]
         mo_ok = (row_ok & is_m)[:, None] & d_ok[None, :]
         x = (tl.load(Q_ptr + offs_i[:, None] * stride_q + offs_d[None, :], mask=on_ok, other=0.0)
              + tl.load(QM_ptr + offs_i[:, None] * stride_qm + offs_d[None, :], mask=mo_ok, other=0.0))
         x = x.to(dot_ty)
-        inv_t = 1.0 / tl.load(Temp_ptr).to(tl.float32)
-        scale = inv_t * 1.4426950408889634  # log2(e): the online softmax runs on exp2
+        scale = 1.4426950408889634 / tl.load(Temp_ptr).to(tl.float32)  # log2(e) / T: the softmax runs on exp2
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-        if pid_s == 0:  # the in-batch keys (column j = key j, the positive of row j)
-            for start in range(0, B, BLOCK_N):
-                offs_n = start + tl.arange(0, BLOCK_N)
-                n_ok = offs_n < B
-                k = tl.load(Kb_ptr + offs_n[:, None] * stride_kb + offs_d[None, :],
-                            mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(dot_ty)
-                s = tl.dot(x, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N) fp32
-                tl.store(Sim_ptr + dirn * B * B + offs_i[:, None] * B + offs_n[None, :], s * inv_t,
-                         mask=(row_ok & (offs_r < B))[:, None] & n_ok[None, :])  # online rows only
-                s = tl.where(n_ok[None, :], s * scale, float("-inf"))  # padded keys get no weight
-                m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has one real key
-                corr = tl.exp2(m_i - m_new)  # rescale of the sums taken under the old max
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * corr + tl.sum(p, 1)
-                acc = acc * corr[:, None] + tl.dot(p.to(dot_ty), k, input_precision=PRECISION)
-                m_i = m_new
 
         lo = pid_s * CHUNK
         hi = tl.minimum(lo + CHUNK, Q)
@@ -383,71 +368,116 @@ if triton is not None:
             acc = acc * corr[:, None] + tl.dot(p.to(dot_ty), k, input_precision=PRECISION)
             m_i = m_new
 
-        n_part = 2 * S * B * tl.num_programs(2)  # elements of PartM (and of PartL)
-        kind = is_m.to(tl.int32)
-        part = ((dirn * 2 + kind) * S + pid_s) * B + offs_i  # (BLOCK_M,) index into (R, 2, S, B)
-        tl.store(Work_ptr + part, m_i, mask=row_ok)
-        tl.store(Work_ptr + n_part + part, l_i, mask=row_ok)
-        tl.store(Work_ptr + 2 * n_part + part[:, None] * D + offs_d[None, :], acc,
-                 mask=row_ok[:, None] & d_ok[None, :])
+        # the partials of (direction, split): rows [q; q_m] contiguous, ROWS (a multiple of every BLOCK_M)
+        # per split, so a program's tile never reaches the next split's rows
+        n_part = S * ROWS * tl.num_programs(2)  # elements of PartM (and of PartL)
+        row0 = (dirn * S + pid_s) * ROWS
+        tl.store(Work_ptr + row0 + offs_r, m_i, mask=row_ok)
+        tl.store(Work_ptr + n_part + row0 + offs_r, l_i, mask=row_ok)
+        if USE_TMA:  # columns past D are clipped; the padded rows are written and never read
+            PO.store([row0 + pid_r * BLOCK_M, 0], acc)
+        else:
+            tl.store(Work_ptr + 2 * n_part + (row0 + offs_r)[:, None] * D + offs_d[None, :], acc,
+                     mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _merge_splits(PartM_ptr, PartL_ptr, PartO_ptr, base, B, S, offs_d, d_ok,
-                      D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-        # Merge the S partials of one row: O = sum_s w_s O_s / sum_s w_s l_s with w_s = 2^(m_s - max);
-        # returns (O (BLOCK_D,), log2-sum-exp2 of the row's scaled logits). `base` indexes split 0.
-        mx = tl.full([], float("-inf"), tl.float32)
+    def _online_step(m, l, o, t, k):
+        # one tile of keys k (BLOCK_K, BLOCK_D) with log2-scaled logits t (BLOCK_K,) (-inf: no key) into a
+        # row's running (max, sum, O)
+        m_new = tl.maximum(m, tl.max(t, 0))
+        corr = tl.exp2(m - m_new)
+        p = tl.exp2(t - m_new)
+        return m_new, l * corr + tl.sum(p, 0), o * corr + tl.sum(p[:, None] * k, 0)
+
+    @triton.jit
+    def _merge_splits(PM_ptr, PL_ptr, PO_ptr, r, stride_ms, stride_os, S, m_scale, m0, l0, o0, offs_d, d_ok,
+                      D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_L: tl.constexpr):
+        # Merge row r's S partials into the running (m0, l0, o0) (log2 units): O = sum_s w_s O_s / sum_s
+        # w_s l_s with w_s = 2^(m_s - max). Partial s: max PM[s * stride_ms + r] * m_scale (m_scale =
+        # log2(e) for a natural log-sum-exp), sum PL[...] (1 without HAS_L: O_s normalised), O
+        # PO[s * stride_os + r * D + d] in any float dtype. Returns (O (BLOCK_D,), log2-sum-exp2).
+        mx = m0
         for s0 in range(0, S, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
-            mx = tl.maximum(mx, tl.max(tl.load(PartM_ptr + base + offs_s * B, mask=offs_s < S,
-                                               other=float("-inf")), 0))
-        l_sum = tl.zeros([], tl.float32)
-        o = tl.zeros([BLOCK_D], tl.float32)
+            m_s = tl.load(PM_ptr + offs_s * stride_ms + r, mask=offs_s < S, other=float("-inf")) * m_scale
+            mx = tl.maximum(mx, tl.max(m_s, 0))
+        c0 = tl.exp2(m0 - mx)
+        l_sum = l0 * c0
+        o = o0 * c0
         for s0 in range(0, S, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             s_ok = offs_s < S
-            idx = base + offs_s * B
-            w = tl.exp2(tl.load(PartM_ptr + idx, mask=s_ok, other=float("-inf")) - mx)  # 0 when padded
-            l_sum += tl.sum(w * tl.load(PartL_ptr + idx, mask=s_ok, other=0.0), 0)
-            o_s = tl.load(PartO_ptr + idx[:, None] * D + offs_d[None, :],
-                          mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            idx = offs_s * stride_ms + r
+            w = tl.exp2(tl.load(PM_ptr + idx, mask=s_ok, other=float("-inf")) * m_scale - mx)  # 0 when padded
+            if HAS_L:
+                l_sum += tl.sum(w * tl.load(PL_ptr + idx, mask=s_ok, other=0.0), 0)
+            else:
+                l_sum += tl.sum(w, 0)
+            o_s = tl.load(PO_ptr + offs_s[:, None] * stride_os + r * D + offs_d[None, :],
+                          mask=s_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             o += tl.sum(w[:, None] * o_s, 0)
         return o / l_sum, mx + tl.log2(l_sum)
 
     @triton.jit
     def _itc_loss_combine_kernel(
-        Work_ptr,  # the forward kernel's workspace (partials), then (2, R, B) loss and dL/dT rows
-        Q0_ptr, K0_ptr, Q1_ptr, K1_ptr,  # online queries and in-batch keys of each direction (B, D)
-        stride_q0, stride_k0, stride_q1, stride_k1,
+        PM0_ptr, PL0_ptr, PO0_ptr,  # direction 0's queue partials (see _merge_splits): max, sum, O
+        PM1_ptr, PL1_ptr, PO1_ptr,  # direction 1's
+        stride_ms, stride_os, m_scale,  # per split: M/L stride, O stride (elements); max units (see above)
+        Q0_ptr, QM0_ptr, K0_ptr, Q1_ptr, QM1_ptr, K1_ptr,  # q, q_m, in-batch keys of each direction (B, D)
+        stride_q0, stride_qm0, stride_k0, stride_q1, stride_qm1, stride_k1,
         Temp_ptr,  # () temperature
+        Sim_ptr,  # (R, B, B) fp32: in-batch logits of the online rows
+        Rows_ptr,  # (2, R, B) fp32 scratch: each row's loss and dL/dT, summed by the last program
         Dq_ptr,  # (R, B, D) fp32: gradient of each direction's mean loss to its q
         Loss_ptr,  # (R,) fp32: mean loss of each direction
         Dtemp_ptr,  # (R,) fp32: dL/dT of each direction's mean loss
-        Count_ptr,  # (R,) int32 arrival counters, zeroed by the forward kernel
+        Count_ptr,  # (R,) int32 arrival counters, zero on entry
         alpha, B, S,
         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_K: tl.constexpr, HAS_L: tl.constexpr,
     ):
+        # One program per (sample i, direction): the in-batch keys for its online and momentum rows (fp32
+        # logits, the (B, B) block's row i), merged with the queue partials, then the identity's loss,
+        # dq and dT rows.
         i = tl.program_id(0)
         dirn = tl.program_id(1)
         R = tl.num_programs(1)
         if dirn == 0:
-            q_row, k_row = Q0_ptr + i * stride_q0, K0_ptr + i * stride_k0
+            PM_ptr, PL_ptr, PO_ptr = PM0_ptr, PL0_ptr, PO0_ptr
+            q_row, qm_row, K_ptr, stride_k = Q0_ptr + i * stride_q0, QM0_ptr + i * stride_qm0, K0_ptr, stride_k0
         else:
-            q_row, k_row = Q1_ptr + i * stride_q1, K1_ptr + i * stride_k1
+            PM_ptr, PL_ptr, PO_ptr = PM1_ptr, PL1_ptr, PO1_ptr
+            q_row, qm_row, K_ptr, stride_k = Q1_ptr + i * stride_q1, QM1_ptr + i * stride_qm1, K1_ptr, stride_k1
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         q = tl.load(q_row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        k = tl.load(k_row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        qm = tl.load(qm_row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        k_i = tl.load(K_ptr + i * stride_k + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         inv_t = 1.0 / tl.load(Temp_ptr).to(tl.float32)
 
-        n_part = 2 * S * B * R
-        PartM_ptr, PartL_ptr, PartO_ptr = Work_ptr, Work_ptr + n_part, Work_ptr + 2 * n_part
-        Rows_ptr = Work_ptr + (2 + D) * n_part  # (2, R, B)
-        o, lse2 = _merge_splits(PartM_ptr, PartL_ptr, PartO_ptr, (dirn * 2 * S) * B + i, B, S, offs_d,
-                                d_ok, D, BLOCK_S, BLOCK_D)
-        o_m, _ = _merge_splits(PartM_ptr, PartL_ptr, PartO_ptr, ((dirn * 2 + 1) * S) * B + i, B, S, offs_d,
-                               d_ok, D, BLOCK_S, BLOCK_D)
-        tgt = alpha * o_m + (1.0 - alpha) * k  # sum_j t_ij k_j
+        # the in-batch keys (key j is the positive of row j), BLOCK_K at a time
+        m_on = tl.full([], float("-inf"), tl.float32)
+        m_mo = tl.full([], float("-inf"), tl.float32)
+        l_on = tl.zeros([], tl.float32)
+        l_mo = tl.zeros([], tl.float32)
+        o_on = tl.zeros([BLOCK_D], tl.float32)
+        o_mo = tl.zeros([BLOCK_D], tl.float32)
+        for b0 in range(0, B, BLOCK_K):
+            offs_b = b0 + tl.arange(0, BLOCK_K)
+            b_ok = offs_b < B
+            k = tl.load(K_ptr + offs_b[:, None] * stride_k + offs_d[None, :], mask=b_ok[:, None] & d_ok[None, :],
+                        other=0.0).to(tl.float32)
+            s_on = tl.sum(k * q[None, :], 1) * inv_t
+            tl.store(Sim_ptr + (dirn * B + i) * B + offs_b, s_on, mask=b_ok)
+            s_mo = tl.sum(k * qm[None, :], 1) * inv_t
+            m_on, l_on, o_on = _online_step(m_on, l_on, o_on, tl.where(b_ok, s_on * 1.4426950408889634, float("-inf")), k)
+            m_mo, l_mo, o_mo = _online_step(m_mo, l_mo, o_mo, tl.where(b_ok, s_mo * 1.4426950408889634, float("-inf")), k)
+
+        o, lse2 = _merge_splits(PM_ptr, PL_ptr, PO_ptr, i, stride_ms, stride_os, S, m_scale, m_on, l_on, o_on,
+                                offs_d, d_ok, D, BLOCK_S, HAS_L)
+        o_m, _ = _merge_splits(PM_ptr, PL_ptr, PO_ptr, B + i, stride_ms, stride_os, S, m_scale, m_mo, l_mo, o_mo,
+                               offs_d, d_ok, D, BLOCK_S, HAS_L)
+        tgt = alpha * o_m + (1.0 - alpha) * k_i  # sum_j t_ij k_j
         loss = lse2 * 0.6931471805599453 - tl.sum(q * tgt, 0) * inv_t  # LSE_i - q.tgt / T
         g = (o - tgt) * inv_t  # dL_i / dq_i
         dtemp = -tl.sum(q * g, 0) * inv_t  # dL_i / dT
@@ -459,7 +489,7 @@ if triton is not None:
         # its B rows in a fixed order (deterministic). The barrier orders this program's row stores
         # before the counter's release; the acq_rel atomic makes every other program's rows visible to
         # the last one, whose loads are volatile (never a stale L1 line). The counters live in a
-        # per-call buffer zeroed by the forward kernel: no memset launch, no state kept between calls
+        # per-call buffer zeroed by the forward kernel (or a memset): no state kept between calls
         # (nothing to go wrong in a CUDA-graph pool).
         tl.debug_barrier()
         arrived = tl.atomic_add(Count_ptr + dirn, 1, sem="acq_rel")
@@ -519,10 +549,11 @@ if triton is not None:
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in _FP32_D256_FITS]
 
     def _set_queue_block(nargs: dict) -> None:
-        """Autotuner pre-hook: a queue's TMA descriptor loads the config's key tile [BLOCK_N, BLOCK_D]."""
-        for name in ("QU0", "QU1"):
+        """Autotuner pre-hook: a queue's TMA descriptor loads the config's key tile [BLOCK_N, BLOCK_D], the
+        O partial's stores its row tile [BLOCK_M, BLOCK_D]."""
+        for name, rows in (("QU0", "BLOCK_N"), ("QU1", "BLOCK_N"), ("PO", "BLOCK_M")):
             if TensorDescriptor is not None and isinstance(nargs[name], TensorDescriptor):
-                nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+                nargs[name].block_shape = [nargs[rows], nargs["BLOCK_D"]]
 
     def _config(m: int, n: int, warps: int, stages: int):
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages,
@@ -664,8 +695,10 @@ def _triton_forward(
     # fp32 dots as 3xTF32 on the GPU (~fp32 accuracy at tensor-core speed); 16-bit dots take the default
     precision = "ieee" if interp else ("tf32" if lowp else "tf32x3")
 
-    # one workspace: PartM, PartL (R, 2, S, B), PartO (R, 2, S, B, D), then the (2, R, B) rows
-    n_part = R * 2 * S * B
+    # one workspace: PartM, PartL (R, S, ROWS), PartO (R, S, ROWS, D), then the (2, R, B) rows; ROWS >= 2B
+    # rows per (direction, split), a multiple of every BLOCK_M
+    rows = triton.cdiv(2 * B, 128) * 128
+    n_part = R * S * rows
     work = torch.empty((2 + D) * n_part + 2 * R * B, device=device, dtype=torch.float32)
     sim = torch.empty(R, B, B, device=device, dtype=torch.float32)
     # zeroed by the split-K kernel; a combine-only launch (timing) zeroes them itself (a memset)
@@ -680,35 +713,54 @@ def _triton_forward(
     dq = torch.empty(R, B, D, device=device, dtype=torch.float32)
     loss = torch.empty(R, device=device, dtype=torch.float32)
     dtemp = torch.empty(R, device=device, dtype=torch.float32)
-    qu0_arg, qu1_arg = qu0, qu1
-    if use_tma:  # block shape: the config's (the autotuner's pre-hook sets it for each config it runs)
+    part_o = work[2 * n_part:(2 + D) * n_part]
+    qu0_arg, qu1_arg, po_arg = qu0, qu1, work
+    if use_tma:  # block shapes: the config's (the autotuner's pre-hook sets them for each config it runs)
         block = [(config or meta).get("BLOCK_N", 64), BLOCK_D]
         qu0_arg = TensorDescriptor(qu0, [Q, D], [qu0.stride(0), 1], block)
         qu1_arg = qu0_arg if qu1 is qu0 else TensorDescriptor(qu1, [Q, D], [qu1.stride(0), 1], list(block))
+        po_arg = TensorDescriptor(part_o, [n_part, D], [D, 1], [(config or meta).get("BLOCK_M", 64), BLOCK_D])
     if stage != "combine":
         kernel[grid](
-            q0, qm0, k0, qu0_arg, q1, qm1, k1, qu1_arg, temp, work, sim, counters,
-            q0.stride(0), qm0.stride(0), k0.stride(0), qu0.stride(0),
-            q1.stride(0), qm1.stride(0), k1.stride(0), qu1.stride(0),
-            B, Q, chunk, S, D=D, BLOCK_D=BLOCK_D, LOWP_DOT=lowp, PRECISION=precision,
+            q0, qm0, qu0_arg, q1, qm1, qu1_arg, temp, work, po_arg, counters,
+            q0.stride(0), qm0.stride(0), qu0.stride(0), q1.stride(0), qm1.stride(0), qu1.stride(0),
+            B, Q, chunk, S, rows, D=D, BLOCK_D=BLOCK_D, LOWP_DOT=lowp, PRECISION=precision,
             QUEUE_DTYPE=_TL_DTYPES[qu0.dtype], USE_TMA=use_tma, **meta,
         )
     if stage != "split":
-        # Up to 64 splits of a row per load (one pass at two directions and B >= 32, where S <= 64; more
-        # passes for one direction or a small B): the merge is a chain of dependent loads per program, so
-        # its time is latency. 8 warps when a row has many splits (B = 64: S = 64, 8.4 us against 13.1 us
-        # for 16-split passes and 4 warps), 4 for many rows with few splits (B = 512: S = 8, 10.8 us with
-        # BLOCK_S 16 and 4 warps against 18.8 us with 8 warps). H200, session 4, the kernel alone without
-        # its last program's sum of the rows.
-        combine = combine_config or dict(
-            BLOCK_S=min(64, max(16, triton.next_power_of_2(S))),
-            num_warps=(8 if S > 16 else 4) if BLOCK_D >= 128 else 1)
-        _itc_loss_combine_kernel[(B, R)](
-            work, q0, k0, q1, k1, q0.stride(0), k0.stride(0), q1.stride(0), k1.stride(0),
-            temp, dq, loss, dtemp, counters, float(alpha), B, S, D=D, BLOCK_D=BLOCK_D,
-            BLOCK_B=min(1024, triton.next_power_of_2(B)), **combine,
-        )
+        per_dir = S * rows  # one direction's PartM (and PartL) elements
+        partials = [(work[r * per_dir:], work[n_part + r * per_dir:], part_o[r * per_dir * D:]) for r in (0, R - 1)]
+        _combine(partials, rows, rows * D, 1.0, True, dirs, temp, sim, work[(2 + D) * n_part:], dq, loss, dtemp,
+                 counters, alpha, S, BLOCK_D, combine_config)
     return loss, sim, dq, dtemp
+
+
+def _combine(partials, stride_ms: int, stride_os: int, m_scale: float, has_l: bool, dirs, temp: Tensor,
+             sim: Tensor, rows: Tensor, dq: Tensor, loss: Tensor, dtemp: Tensor, counters: Tensor, alpha: float,
+             S: int, BLOCK_D: int, combine_config: dict | None = None) -> None:
+    """Launch the combine kernel over (B, R) programs: per direction, `partials` = (max, sum, O) of its
+    S queue partials (see `_merge_splits`), `dirs` its (q, q_m, keys_m, queue) (both entries the same
+    direction when R = 1); writes sim, dq, loss and dtemp, using `rows` (2 R B fp32) and `counters` (zero)."""
+    (q0, qm0, k0, _), (q1, qm1, k1, _) = dirs
+    B, D = q0.shape
+    R = loss.shape[0]
+    # Up to 64 splits of a row per load (one pass at two directions and B >= 32, where S <= 64; more
+    # passes for one direction or a small B): the merge is a chain of dependent loads per program, so
+    # its time is latency. 8 warps when a row has many splits (B = 64: S = 64, 8.4 us against 13.1 us
+    # for 16-split passes and 4 warps), 4 for many rows with few splits (B = 512: S = 8, 10.8 us with
+    # BLOCK_S 16 and 4 warps against 18.8 us with 8 warps). H200, session 4, the kernel alone without
+    # its last program's sum of the rows (and before it took over the in-batch keys).
+    combine = combine_config or dict(
+        BLOCK_S=min(64, max(16, triton.next_power_of_2(S))),
+        num_warps=(8 if S > 16 else 4) if BLOCK_D >= 128 else 1)
+    (pm0, pl0, po0), (pm1, pl1, po1) = partials
+    _itc_loss_combine_kernel[(B, R)](
+        pm0, pl0, po0, pm1, pl1, po1, stride_ms, stride_os, m_scale,
+        q0, qm0, k0, q1, qm1, k1,
+        q0.stride(0), qm0.stride(0), k0.stride(0), q1.stride(0), qm1.stride(0), k1.stride(0),
+        temp, sim, rows, dq, loss, dtemp, counters, float(alpha), B, S, D=D, BLOCK_D=BLOCK_D,
+        BLOCK_B=min(1024, triton.next_power_of_2(B)), BLOCK_K=16, HAS_L=has_l, **combine,
+    )
 
 
 def itc_loss_forward(

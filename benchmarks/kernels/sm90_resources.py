@@ -53,7 +53,7 @@ def main() -> None:
         signature = {n: ("*fp32" if n.endswith("_ptr") else "i32") for n in fwd.arg_names}
         signature["Count_ptr"] = "*i32"
         queue = f"tensordesc<{qtype}[{bn}, 256]>" if tma else f"*{qtype}"
-        signature.update(QU0=queue, QU1=queue)
+        signature.update(QU0=queue, QU1=queue, PO=f"tensordesc<fp32[{bm}, 256]>" if tma else "*fp32")
         consts = dict(D=256, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=256, LOWP_DOT=lowp, PRECISION=precision,
                       QUEUE_DTYPE=tl.bfloat16 if lowp else tl.float32, USE_TMA=tma)
         signature.update({k: "constexpr" for k in consts})

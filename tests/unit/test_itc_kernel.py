@@ -513,7 +513,7 @@ def test_launch_count(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append(self.name)
 
-    views = {"view.default", "select.int", "unsqueeze.default", "expand.default", "detach.default"}
+    views = {"view.default", "select.int", "unsqueeze.default", "expand.default", "detach.default", "slice.Tensor"}
     img, img_m, txt, txt_m, img_q, txt_q = make_inputs(5, 40, 16)
     dirs = [(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)]
     monkeypatch.setattr(itc_module, "_itc_loss_fwd_kernel", Stub("forward"))
@@ -579,15 +579,16 @@ for qtype, lowp, prec, tma, (bm, bn, warps, stages) in (
         ("bf16", True, "tf32", True, (128, 64, 8, 2)), ("bf16", True, "tf32", False, (128, 64, 8, 2)),
         ("fp32", False, "tf32x3", True, (64, 32, 4, 2)), ("fp32", False, "tf32x3", False, (64, 32, 4, 2))):
     queue = f"tensordesc<{qtype}[{bn}, 256]>" if tma else f"*{qtype}"
-    k = build(itc._itc_loss_fwd_kernel, {"QU0": queue, "QU1": queue, "Count_ptr": "*i32"},
+    part_o = f"tensordesc<fp32[{bm}, 256]>" if tma else "*fp32"
+    k = build(itc._itc_loss_fwd_kernel, {"QU0": queue, "QU1": queue, "PO": part_o, "Count_ptr": "*i32"},
               dict(D=256, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=256, LOWP_DOT=lowp, PRECISION=prec,
                    QUEUE_DTYPE=getattr(triton.language, {"bf16": "bfloat16", "fp32": "float32"}[qtype]),
                    USE_TMA=tma),
               num_warps=warps, num_stages=stages)
     ptx = k.asm["ptx"]
     print("forward", qtype, k.metadata.shared, "tma" if tma else "pointers", ptx.count("cp.async.bulk.tensor") > 0)
-k = build(itc._itc_loss_combine_kernel, {"Count_ptr": "*i32", "alpha": "fp32"},
-          dict(D=256, BLOCK_S=16, BLOCK_D=256, BLOCK_B=64), num_warps=4)
+k = build(itc._itc_loss_combine_kernel, {"Count_ptr": "*i32", "alpha": "fp32", "m_scale": "fp32"},
+          dict(D=256, BLOCK_S=16, BLOCK_D=256, BLOCK_B=64, BLOCK_K=16, HAS_L=True), num_warps=4)
 ptx = k.asm["ptx"]
 print("combine", k.metadata.shared, "atom.global.gpu.acq_rel.add" in ptx, "ld.volatile.global" in ptx)
 for from_ptr in (False, True):
