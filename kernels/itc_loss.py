@@ -229,10 +229,33 @@ def _sdpa_chunk(Q: int, rows: int, device: torch.device) -> int:
     return max(512, math.ceil(Q / chunks / 128) * 128)
 
 
+def _attend_chunks(xq: Tensor, queue: Tensor, size: int, name: str) -> list[tuple[Tensor, Tensor]]:
+    """(O, LSE) of the queries xq (2B, D) against the queue in chunks of `size` rows: the equal chunks as
+    one batched call ((n, 2B, D) and (n, 2B), the queue a view, the queries expanded with stride 0),
+    then the ragged tail if any ((1, 2B, D) and (1, 2B))."""
+    Q, D = queue.shape
+    n_main = Q // size
+    parts = []
+    if n_main:
+        xb, kb = xq.expand(n_main, -1, -1), queue[: n_main * size].view(n_main, size, D)
+        if name in _SDPA_COPY_QUERIES:
+            xb = xb.contiguous()
+        try:
+            parts.append(_attend(xb, kb, name))
+        except RuntimeError:  # a kernel that refuses a stride-0 batch: copy the queries, once
+            if name in _SDPA_COPY_QUERIES or xb.stride(0) != 0:
+                raise
+            _SDPA_COPY_QUERIES.add(name)
+            parts.append(_attend(xb.contiguous(), kb, name))
+    if Q > n_main * size:
+        parts.append(_attend(xq[None], queue[n_main * size:][None], name))
+    return parts
+
+
 @torch.no_grad()
 def itc_loss_sdpa_forward(
     directions: list[Direction], temp: Tensor, alpha: float, *, backend: str | None = None,
-    chunk: int | None = None,
+    chunk: int | None = None, fuse: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`itc_loss_streaming_forward`'s contract, the queue's share computed by `_attend`.
 
@@ -240,15 +263,25 @@ def itc_loss_sdpa_forward(
         backend: one of SDPA_BACKENDS (default: "cudnn" on CUDA, "cpu" elsewhere). "flash" takes
             16-bit queues only.
         chunk: queue rows per batched attention problem (default `_sdpa_chunk`).
+        fuse: the in-batch keys, the merge and the identity's tail in the Triton combine kernel (one
+            launch for both directions) instead of torch ops; default: where the Triton path could run
+            (CUDA, or the interpreter under use_backend("triton")) and the chunks divide the queue.
     The queries are rounded to the queue's dtype for the attention (as the Triton path does on the
     GPU); the in-batch logits, the merge and the tail are fp32.
     """
+    q0, queue0 = directions[0][0], directions[0][3]
+    B, D = q0.shape
+    Q = queue0.shape[0]
+    size = chunk or _sdpa_chunk(Q, 2 * B, q0.device)
+    name = backend or ("cudnn" if q0.is_cuda else "cpu")
+    if fuse is None:
+        fuse = (Q % size == 0 and _dispatch.enabled("itc_loss", *(t for d in directions for t in d), temp)
+                and _triton_fits(directions, temp))
+    if fuse:
+        return _sdpa_fused(directions, temp, alpha, size, name)
     losses, sims, dqs, dtemps = [], [], [], []
     for q, q_m, keys_m, queue in directions:
-        B, D = q.shape
-        Q = queue.shape[0]
         acc = torch.promote_types(q.dtype, torch.float32)
-        name = backend or ("cudnn" if q.is_cuda else "cpu")
         with torch.autocast(q.device.type, enabled=False):
             t = temp.to(acc)
             x = torch.cat([q, q_m]).to(acc)  # (2B, D)
@@ -257,24 +290,7 @@ def itc_loss_sdpa_forward(
             s_b = xs @ km.t()  # (2B, B) in-batch logits, fp32
             lses = [torch.logsumexp(s_b, dim=1)[None]]
             outs = [(torch.softmax(s_b, dim=1) @ km)[None]]
-            xq = xs.to(queue.dtype)
-            size = chunk or _sdpa_chunk(Q, 2 * B, q.device)
-            n_main = Q // size
-            if n_main:  # equal chunks as the batch: a view of the queue, the queries expanded (stride 0)
-                xb, kb = xq.expand(n_main, -1, -1), queue[: n_main * size].view(n_main, size, D)
-                if name in _SDPA_COPY_QUERIES:
-                    xb = xb.contiguous()
-                try:
-                    o, lse = _attend(xb, kb, name)
-                except RuntimeError:  # a kernel that refuses a stride-0 batch: copy the queries, once
-                    if name in _SDPA_COPY_QUERIES or xb.stride(0) != 0:
-                        raise
-                    _SDPA_COPY_QUERIES.add(name)
-                    o, lse = _attend(xb.contiguous(), kb, name)
-                outs.append(o.to(acc))
-                lses.append(lse)
-            if Q > n_main * size:  # the ragged tail
-                o, lse = _attend(xq[None], queue[n_main * size:][None], name)
+            for o, lse in _attend_chunks(xs.to(queue.dtype), queue, size, name):
                 outs.append(o.to(acc))
                 lses.append(lse)
             lse_parts = torch.cat(lses)  # (P, 2B)
@@ -286,6 +302,39 @@ def itc_loss_sdpa_forward(
             results.append(r)
         sims.append(s_b[:B])
     return torch.stack(losses), torch.stack(sims), torch.stack(dqs), torch.stack(dtemps)
+
+
+def _sdpa_fused(directions: list[Direction], temp: Tensor, alpha: float, size: int, name: str
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The SDPA path with the Triton combine kernel: per direction the scaled queries (one cat, one
+    divide, one cast) and the batched attention, then one combine launch for both directions (in-batch
+    keys, merge, loss, dq, dT). The chunks divide the queue (no tail)."""
+    R = len(directions)
+    dirs = [tuple(_row_major(t) for t in d) for d in directions]
+    B, D = dirs[0][0].shape
+    device = dirs[0][0].device
+    partials = []
+    for q, q_m, _, queue in dirs:
+        xq = (torch.cat([q, q_m]) / temp).to(queue.dtype)  # (2B, D) [q; q_m] / T
+        parts = _attend_chunks(xq, queue, size, name)
+        if parts:
+            o, lse = parts[0]
+            partials.append((lse, lse, o.contiguous()))  # no sum: O is normalised (HAS_L=False)
+        else:  # an empty queue: the in-batch keys alone (S = 0; the pointers are never read)
+            partials.append((q, q, q))
+    if R == 1:
+        dirs, partials = dirs * 2, partials * 2
+    S = partials[0][2].shape[0] if partials[0][2].dim() == 3 else 0
+    lse0 = partials[0][0]
+    loss = torch.empty(R, device=device, dtype=torch.float32)
+    dtemp = torch.empty(R, device=device, dtype=torch.float32)
+    dq = torch.empty(R, B, D, device=device, dtype=torch.float32)
+    sim = torch.empty(R, B, B, device=device, dtype=torch.float32)
+    rows = torch.empty(2 * R * B, device=device, dtype=torch.float32)
+    counters = torch.zeros(R, device=device, dtype=torch.int32)
+    _combine(partials, lse0.stride(0) if S else 0, 2 * B * D, math.log2(math.e), False, dirs, temp, sim, rows,
+             dq, loss, dtemp, counters, alpha, S, max(16, triton.next_power_of_2(D)))
+    return loss, sim, dq, dtemp
 
 
 # --- Triton kernels --------------------------------------------------------------------------------
@@ -681,7 +730,7 @@ def _triton_forward(
     dirs = [tuple(_row_major(t) for t in d) for d in directions]
     if R == 1:
         dirs = dirs * 2  # the kernels take two directions; grid axis R launches only the first
-    (q0, qm0, k0, qu0), (q1, qm1, k1, qu1) = dirs
+    (q0, qm0, _, qu0), (q1, qm1, _, qu1) = dirs
     B, D = q0.shape
     Q = qu0.shape[0]
     device = q0.device

@@ -213,7 +213,8 @@ def breakdown_rows(args) -> list[Row]:
     combine kernel alone (and at its former config), the backward (Triton kernel against the torch ops),
     the op's forward (both), the op's forward + backward with a given upstream gradient and with a mean;
     with --sweep the split-K kernel at each config (autotuner's list + extras). Then the SDPA candidate per
-    backend: its attention calls of both directions alone, and its forward + backward."""
+    backend: its attention calls of both directions alone, its forward with the tail fused (the combine
+    kernel) and in torch ops, and its forward + backward."""
     rows: list[Row] = []
     dev = torch.device("cuda")
     for B in args.batch:
@@ -252,6 +253,10 @@ def breakdown_rows(args) -> list[Row]:
             keys = [d[3][: n * chunk].view(n, chunk, -1) for d in directions]
             stages[f"sdpa_{b}_attention"] = lambda b=b, xs=xs, keys=keys: [
                 itc_module._attend(x, k, b) for x, k in zip(xs, keys)]
+            for fuse in (True, False):  # the tail in the Triton combine kernel, or in torch ops
+                stages[f"sdpa_{b}_forward_{'fused' if fuse else 'torch_tail'}"] = (
+                    lambda b=b, fuse=fuse, dirs=directions, t=temp: itc_module.itc_loss_sdpa_forward(
+                        dirs, t, ALPHA, backend=b, fuse=fuse))
             stages[f"sdpa_{b}_fwd_bwd_mean"] = fwd_bwd(sdpa_both(b), inputs)
         sweep = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                  for c in itc_module._FWD_CONFIGS] + EXTRA_CONFIGS if args.sweep else []

@@ -355,6 +355,36 @@ def test_sdpa_path_matches_reference_float64(B, Q, D, alpha, chunk, monkeypatch)
     assert_all_close((loss.detach(), sim, img.grad, txt.grad, t.grad), ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("B, Q, D, chunk, R", [
+    (5, 1024, 24, 256, 2), (7, 256, 16, 64, 2), (4, 0, 8, 512, 2), (3, 128, 40, 128, 1), (6, 384, 32, 128, 1),
+])
+def test_sdpa_fused_combine_matches_reference(B, Q, D, chunk, R, monkeypatch):
+    """The SDPA path with the Triton combine kernel (interpreter): attention partials in natural-log
+    units without sums, in-batch keys in the kernel, one or two directions, an empty queue; every output
+    and gradient against the reference."""
+    monkeypatch.setattr(itc_module, "_sdpa_chunk", lambda *a: chunk)
+    fused = []
+    real = itc_module._sdpa_fused
+    monkeypatch.setattr(itc_module, "_sdpa_fused", lambda *a: fused.append(1) or real(*a))
+    inputs = make_inputs(B, Q, D, seed=11)
+    temp = torch.tensor(0.07)
+    weights = torch.tensor([0.6, 0.8]) if R == 2 else torch.tensor([1.0, 0.0])
+    ref = reference_both(inputs, temp, 0.4, weights)
+    img, img_m, txt, txt_m, img_q, txt_q = inputs
+    img_r, txt_r = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    t = temp.clone().requires_grad_()
+    directions = [(img_r, img_m, txt_m, txt_q), (txt_r, txt_m, img_m, img_q)][:R]
+    with use_backend("triton"):
+        loss, sim = itc_loss_fused(directions, t, 0.4, "sdpa")
+    (weights[:R] * loss).sum().backward()
+    assert fused == [1]
+    if R == 2:
+        assert_all_close((loss.detach(), sim, img_r.grad, txt_r.grad, t.grad), ref, rtol=1e-5, atol=2e-6)
+    else:
+        assert_all_close((loss.detach(), sim[:1], img_r.grad, t.grad), (ref[0][:1], ref[1][:1], ref[2], ref[4]),
+                         rtol=1e-5, atol=2e-6)
+
+
 def test_sdpa_path_copies_the_queries_for_a_kernel_refusing_a_stride_0_batch(monkeypatch):
     """A backend that rejects the expanded queries gets them copied (and from then on directly); the
     result is unchanged."""
