@@ -621,6 +621,12 @@ k = build(itc._itc_loss_combine_kernel, {"Count_ptr": "*i32", "alpha": "fp32", "
           dict(D=256, BLOCK_S=16, BLOCK_D=256, BLOCK_B=64, BLOCK_K=16, HAS_L=True), num_warps=4)
 ptx = k.asm["ptx"]
 print("combine", k.metadata.shared, "atom.global.gpu.acq_rel.add" in ptx, "ld.volatile.global" in ptx)
+# the SDPA path's: bf16 O partials without sums
+k = build(itc._itc_loss_combine_kernel, {"Count_ptr": "*i32", "alpha": "fp32", "m_scale": "fp32",
+                                         "PO0_ptr": "*bf16", "PO1_ptr": "*bf16"},
+          dict(D=256, BLOCK_S=64, BLOCK_D=256, BLOCK_B=64, BLOCK_K=16, HAS_L=False), num_warps=8)
+ptx = k.asm["ptx"]
+print("combine", k.metadata.shared, "atom.global.gpu.acq_rel.add" in ptx, "ld.volatile.global" in ptx)
 for from_ptr in (False, True):
     build(hn._hard_negatives_kernel, {"Index_ptr": "*i64", "Valid_ptr": "*i1", "Seed_ptr": "*i64"},
           dict(BLOCK_R=64, BLOCK_B=64, SEED_FROM_PTR=from_ptr), num_warps=4)
@@ -630,9 +636,10 @@ for from_ptr in (False, True):
 
 def test_kernels_compile_for_sm90():
     """The interpreter never runs Triton's compiler: compile the ITC forward (a bf16 and an fp32 config
-    at D = 256, each with TMA descriptors and with pointers), the combine kernel and both seed modes of the sampler for an H100 (sm_90, no GPU
-    needed); the forward fits in shared memory, and the combine's last-arriver reduction compiles to an
-    acq_rel GPU-scope atomic and volatile loads."""
+    at D = 256, each with TMA descriptors and with pointers), the combine kernel (fp32 partials with
+    sums; bf16 ones without, as the SDPA path gives) and both seed modes of the sampler for an H100
+    (sm_90, no GPU needed); the forward fits in shared memory, and the combine's last-arriver reduction
+    compiles to an acq_rel GPU-scope atomic and volatile loads."""
     import os
     import subprocess
     import sys
@@ -644,8 +651,8 @@ def test_kernels_compile_for_sm90():
         pytest.skip("Triton's bundled ptxas is missing")
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line.split() for line in run.stdout.strip().splitlines()]
-    assert [line[0] for line in lines] == ["forward"] * 4 + ["combine", "sampler", "sampler"], run.stdout
+    assert [line[0] for line in lines] == ["forward"] * 4 + ["combine"] * 2 + ["sampler"] * 2, run.stdout
     assert all(int(line[2]) <= 232_448 for line in lines[:4]), run.stdout  # sm_90's shared memory per block
     # the TMA variants load the queue through bulk tensor copies, the pointer variants never
     assert [(line[3], line[4]) for line in lines[:4]] == [("tma", "True"), ("pointers", "False")] * 2, run.stdout
-    assert lines[4][2:] == ["True", "True"], run.stdout
+    assert lines[4][2:] == lines[5][2:] == ["True", "True"], run.stdout
