@@ -40,9 +40,12 @@ that batch with the PIL twin instead and counts it (`loader.DaliLoader`).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import os
 import sys
+import weakref
 from collections.abc import Sequence
 from typing import Literal
 
@@ -67,25 +70,36 @@ __all__ = ["OP_CODES", "DaliImagePipeline", "affine_matrix", "dali_unavailable_r
 
 def _disown_pipelines_after_fork() -> None:
     """In a child forked from a process that built DALI pipelines (DataLoader workers start by fork):
-    drop every pipeline's native handle without shutting it down. The child holds copies of pipelines
-    whose worker threads exist only in the parent; a pipeline that was garbage at the fork (a reference
-    cycle, e.g. one dropped by `DaliImagePipeline.reset`) is finalised wherever the cycle collector next
-    runs, and DALI's shutdown in the child then segfaults (seen as SIGSEGV in loader workers forked
-    after DALI had run: tests/unit/test_data_dali.py reproduces it). Uses DALI's registry of pipelines
-    (`Pipeline._pipes`, weak references); nothing to do if DALI was never imported. The native pipelines
-    are kept referenced here for the child's life: destroying one joins its threads too (a hang). Loader
-    workers leave through os._exit, which runs no destructor."""
+    take every pipeline's native handle away from it without shutting it down. The child holds copies of
+    pipelines whose worker threads exist only in the parent; a pipeline that was garbage at the fork (a
+    reference cycle, e.g. one dropped by `DaliImagePipeline.reset`) is finalised wherever the cycle
+    collector next runs, and DALI's shutdown in the child then segfaults or hangs (seen as SIGSEGV in
+    loader workers forked after DALI had run: tests/unit/test_data_dali.py reproduces it). Destroying a
+    native pipeline also joins its threads, so each handle is leaked on purpose (one extra reference,
+    never released, also not at interpreter exit). Our wrappers drop their pipeline and rebuild one if
+    the child decodes. Uses DALI's registry of pipelines (`Pipeline._pipes`, weak references); nothing to
+    do if DALI was never imported. The collector is off meanwhile, so nothing is finalised half-way."""
     module = sys.modules.get("nvidia.dali.pipeline")
-    for ref in list(getattr(getattr(module, "Pipeline", None), "_pipes", ())):
-        pipe = ref()
-        if pipe is not None and getattr(pipe, "_pipe", None) is not None:
-            _DISOWNED.append(pipe._pipe)
-            pipe._pipe = None  # Pipeline._shutdown is then a no-op; the parent's pipeline is untouched
+    if module is None:
+        return
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for ref in list(getattr(getattr(module, "Pipeline", None), "_pipes", ())):
+            pipe = ref()
+            native = getattr(pipe, "_pipe", None)
+            if native is not None:
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(native))
+                pipe._pipe = None  # Pipeline._shutdown is then a no-op; the parent's pipeline is untouched
+        for wrapper in list(_WRAPPERS):
+            wrapper._pipe = None
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
-_DISOWNED: list = []
-"""In a forked child: the native DALI pipelines inherited from the parent, never shut down or destroyed."""
-
+_WRAPPERS: weakref.WeakSet = weakref.WeakSet()
+"""Every DaliImagePipeline of this process (reset in a forked child)."""
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_disown_pipelines_after_fork)
@@ -316,6 +330,7 @@ class DaliImagePipeline:
         self.num_threads, self.hw_decoder_load = num_threads, hw_decoder_load
         self.device_id = torch.cuda.current_device() if device == "gpu" else None
         self._pipe = None
+        _WRAPPERS.add(self)
 
     def __repr__(self) -> str:
         return f"DaliImagePipeline(size={self.size}, augment={self.augment!r}, device={self.device!r})"

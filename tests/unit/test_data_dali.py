@@ -284,35 +284,61 @@ def test_dali_failure_falls_back_to_pil(corpus, monkeypatch):
         assert torch.equal(a.image, b.image)  # the PIL twin from the same params: bit-identical
 
 
+def _in_forked_child(work, timeout: float = 20.0) -> None:
+    """Run `work()` in a forked child with the cycle collector off until the fork; fail if the child
+    dies, raises or hangs."""
+    gc.disable()  # what is garbage now stays pending until after the fork
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child leaves without pytest's teardown, whatever happens
+            code = 1
+            try:
+                work()
+                code = 0
+            finally:
+                os._exit(code)
+    finally:
+        gc.enable()
+    deadline = time.monotonic() + timeout
+    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not done[0]:  # without the fork hook the child may hang in DALI's shutdown instead of crashing
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail(f"forked child hung for {timeout:.0f} s")
+    status = done[1]
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+        f"forked child failed (exit {os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}, "
+        f"signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else None})")
+
+
 def test_pipeline_garbage_is_not_shut_down_in_a_forked_child():
     """A DALI pipeline that is cyclic garbage when a loader worker forks is finalised wherever the cycle
     collector runs next, possibly in the child, where DALI's shutdown joins threads that exist only in the
-    parent: SIGSEGV (DataLoader workers forked after the DALI tests died of it). The child must exit
-    cleanly; the parent shuts the pipeline down as usual."""
+    parent: SIGSEGV or a hang (DataLoader workers forked after the DALI tests died of it). The child must
+    exit cleanly; the parent shuts the pipeline down as usual."""
     pipe = DaliImagePipeline(16, "none", 2, device="cpu", num_threads=2)
     pipe([_png(_picture(32))] * 2, [None, None])  # built and run: DALI's threads exist
     inner = pipe._pipe
     inner.self_reference = inner  # only the cycle collector frees it
     del pipe, inner
-    gc.disable()  # keep it pending until after the fork
-    try:
-        pid = os.fork()
-        if pid == 0:  # the child: collect (runs the finaliser) and leave without pytest's teardown
-            gc.collect()
-            os._exit(0)
-    finally:
-        gc.enable()
-    deadline = time.monotonic() + 20
-    while not (done := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    status = done[1]
-    if not done[0]:  # without the fix the child may hang in DALI's shutdown instead of crashing
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("forked child hung for 20 s finalising a DALI pipeline")
+    _in_forked_child(gc.collect)
     gc.collect()
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
-        f"forked child died (signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else None})")
+
+
+def test_a_forked_child_decodes_with_an_inherited_pipeline():
+    """The wrapper drops its inherited pipeline in a forked child and builds its own on first use."""
+    pipe = DaliImagePipeline(16, "none", 2, device="cpu", num_threads=2)
+    files = [_png(_picture(32))] * 2
+    want = pipe(files, [None, None])
+
+    def decode():
+        got = pipe(files, [None, None])
+        if not torch.equal(got, want):
+            raise AssertionError("the child's pipeline decoded differently")
+
+    _in_forked_child(decode, timeout=60)
+    torch.testing.assert_close(pipe(files, [None, None]), want)  # the parent's pipeline is untouched
 
 
 def test_choose_backend():
