@@ -19,7 +19,7 @@ run_part() {  # name, seconds, script
 PARTS=(
   "train_step 90 benchmarks/gpu_run.sh"
   "itc 160 benchmarks/kernels/gpu_itc.sh"
-  "itc_breakdown 290 benchmarks/kernels/gpu_itc_breakdown.sh"
+  "itc_breakdown 300 benchmarks/kernels/gpu_itc_breakdown.sh"
   "ema_mlm 100 benchmarks/kernels/gpu_ema_mlm.sh"
   "attention 120 benchmarks/gpu_attention.sh"
   "parity 190 benchmarks/gpu_parity.sh"

@@ -87,6 +87,10 @@ keeps about ten of them alive)."""
 STREAMING_CHUNK = 2048
 """Keys per step of the streaming path: (2B, chunk) fp32 temporaries, 4 MiB at B = 256."""
 MAX_TRITON_DIM = 256
+INBATCH_IN_COMBINE_MAX_B = 128
+"""Up to this batch the combine kernel streams the in-batch keys itself (each of its R * B programs loads
+all B keys: 8 MB at B = 64, 0.5 GB at B = 512); above it they are a launch of the split kernel's INBATCH
+specialisation."""
 
 
 # --- reference: pure PyTorch; test oracle, benchmark baseline, small-shape CPU path ------------------
@@ -242,11 +246,11 @@ def _attend_chunks(xq: Tensor, queue: Tensor, size: int, name: str) -> list[tupl
             xb = xb.contiguous()
         try:
             parts.append(_attend(xb, kb, name))
-        except RuntimeError:  # a kernel that refuses a stride-0 batch: copy the queries, once
+        except RuntimeError:  # a kernel that refuses a stride-0 batch: copy the queries (from then on)
             if name in _SDPA_COPY_QUERIES or xb.stride(0) != 0:
                 raise
-            _SDPA_COPY_QUERIES.add(name)
             parts.append(_attend(xb.contiguous(), kb, name))
+            _SDPA_COPY_QUERIES.add(name)  # only once the copy worked: not for an error of another kind
     if Q > n_main * size:
         parts.append(_attend(xq[None], queue[n_main * size:][None], name))
     return parts
@@ -277,11 +281,14 @@ def itc_loss_sdpa_forward(
     if fuse is None:
         fuse = (Q % size == 0 and _dispatch.enabled("itc_loss", *(t for d in directions for t in d), temp)
                 and _triton_fits(directions, temp))
+    elif fuse and Q % size:
+        raise ValueError(f"the fused SDPA tail needs chunks that divide the queue: Q={Q}, chunk={size}")
     if fuse:
         return _sdpa_fused(directions, temp, alpha, size, name)
     losses, sims, dqs, dtemps = [], [], [], []
     for q, q_m, keys_m, queue in directions:
         acc = torch.promote_types(q.dtype, torch.float32)
+        queue = _row_major(queue)
         with torch.autocast(q.device.type, enabled=False):
             t = temp.to(acc)
             x = torch.cat([q, q_m]).to(acc)  # (2B, D)
@@ -315,7 +322,8 @@ def _sdpa_fused(directions: list[Direction], temp: Tensor, alpha: float, size: i
     device = dirs[0][0].device
     partials = []
     for q, q_m, _, queue in dirs:
-        xq = (torch.cat([q, q_m]) / temp).to(queue.dtype)  # (2B, D) [q; q_m] / T
+        acc = torch.promote_types(q.dtype, torch.float32)
+        xq = (torch.cat([q, q_m]).to(acc) / temp.to(acc)).to(queue.dtype)  # (2B, D) [q; q_m] / T, rounded once
         parts = _attend_chunks(xq, queue, size, name)
         if parts:
             o, lse = parts[0]
@@ -344,28 +352,32 @@ if triton is not None:
     def _itc_loss_fwd_kernel(
         Q0_ptr, QM0_ptr, QU0,  # direction 0: q, q_m (B, D) features; queue (Q, D): a pointer, or a TMA
         Q1_ptr, QM1_ptr, QU1,  # descriptor with USE_TMA; direction 1 likewise
+        K0_ptr, K1_ptr,  # in-batch keys of each direction (B, D) (INBATCH only)
+        Sim_ptr,  # (R, B, B) fp32: in-batch logits of the online rows (INBATCH only)
         Temp_ptr,  # () temperature
         Work_ptr,  # fp32 workspace: PartM, PartL (R, S, ROWS) each, PartO (R, S, ROWS, D); see _triton_forward
         PO,  # with USE_TMA: a TMA descriptor of PartO as (R * S * ROWS, D), block [BLOCK_M, BLOCK_D]
         Count_ptr,  # (R,) int32: the combine kernel's arrival counters, zeroed here
-        stride_q0, stride_qm0, stride_qu0,  # row strides (the last dim is contiguous)
-        stride_q1, stride_qm1, stride_qu1,
-        B, Q, CHUNK, S, ROWS,  # batch, queue rows, queue rows per split, splits, partial rows per split
+        stride_q0, stride_qm0, stride_qu0, stride_k0,  # row strides (the last dim is contiguous)
+        stride_q1, stride_qm1, stride_qu1, stride_k1,
+        B, Q, CHUNK, S, ROWS,  # batch, queue rows, queue rows per split, partial slots, rows per slot
         D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         LOWP_DOT: tl.constexpr,  # dots in the queue's 16-bit dtype (else fp32 inputs)
         PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 inputs ("tf32x3" on GPU, "ieee")
         QUEUE_DTYPE: tl.constexpr,  # the queues' element type
         USE_TMA: tl.constexpr,  # queue tiles in and the O partial out through TMA descriptors, or pointers
+        INBATCH: tl.constexpr,  # this launch streams the B in-batch keys into slot S - 1 (grid (rows, 1, R))
     ):
         # The rows of a direction are X = [q; q_m] (2B rows): online and momentum queries share every
         # key, so one program takes up to BLOCK_M of them and loads each key tile once for both (at
         # B = 64 a 128-row block holds the whole direction: 2 x S programs in all). Program id 0 runs
         # fastest: the row blocks of one split are launched side by side and share its keys in L2.
-        # Only queue keys here: the B in-batch keys (and their logits, the (B, B) block) are the
-        # combine kernel's, so every split does the same work and this loop is all the kernel holds in
-        # registers (with the O partial stored through TMA: 96 B of spill at 128 x 64 on sm_90 against
-        # ~1.1 KB with the in-batch loop and a pointer store; benchmarks/kernels/sm90_resources.py).
+        # The queue splits and the in-batch keys are separate specialisations (INBATCH): each compiled
+        # kernel holds one loop in registers (with the O partial stored through TMA: 96 B of spill at
+        # 128 x 64 on sm_90 against ~1.1 KB with both loops in one kernel and a pointer store, and 496 B
+        # with both as branches of one kernel; benchmarks/kernels/sm90_resources.py), and every queue
+        # split does the same work (split 0 used to carry the B in-batch keys on the critical path).
         pid_r = tl.program_id(0)
         pid_s = tl.program_id(1)
         dirn = tl.program_id(2)
@@ -377,7 +389,7 @@ if triton is not None:
             dot_ty = QUEUE_DTYPE
         else:
             dot_ty = tl.float32
-        if (pid_r == 0) & (pid_s == 0):  # the combine kernel runs after this one (same stream)
+        if (pid_r == 0) & (pid_s == 0) & (not INBATCH):  # the combine kernel runs after this one (same stream)
             tl.store(Count_ptr + dirn, 0)
 
         offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)  # row of X
@@ -393,34 +405,58 @@ if triton is not None:
         x = (tl.load(Q_ptr + offs_i[:, None] * stride_q + offs_d[None, :], mask=on_ok, other=0.0)
              + tl.load(QM_ptr + offs_i[:, None] * stride_qm + offs_d[None, :], mask=mo_ok, other=0.0))
         x = x.to(dot_ty)
-        scale = 1.4426950408889634 / tl.load(Temp_ptr).to(tl.float32)  # log2(e) / T: the softmax runs on exp2
+        inv_t = 1.0 / tl.load(Temp_ptr).to(tl.float32)
+        scale = inv_t * 1.4426950408889634  # log2(e): the online softmax runs on exp2
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-        lo = pid_s * CHUNK
-        hi = tl.minimum(lo + CHUNK, Q)
-        for start in range(lo, hi, BLOCK_N):  # this split's queue rows
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < hi
-            if USE_TMA:  # rows past Q and columns past D arrive as zeros; no address registers per element
-                k = Qu.load([start, 0]).to(dot_ty)
+        if INBATCH:  # key j is sample j's positive; its logits with the online rows are the (B, B) block
+            if dirn == 0:
+                Kb_ptr, stride_kb = K0_ptr, stride_k0
             else:
-                k = tl.load(Qu + offs_n[:, None] * stride_qu + offs_d[None, :],
+                Kb_ptr, stride_kb = K1_ptr, stride_k1
+            slot = S - 1
+            for start in range(0, B, BLOCK_N):
+                offs_n = start + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < B
+                k = tl.load(Kb_ptr + offs_n[:, None] * stride_kb + offs_d[None, :],
                             mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(dot_ty)
-            s = tl.dot(x, tl.trans(k), input_precision=PRECISION)
-            s = tl.where(n_ok[None, :], s * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            corr = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * corr + tl.sum(p, 1)
-            acc = acc * corr[:, None] + tl.dot(p.to(dot_ty), k, input_precision=PRECISION)
-            m_i = m_new
+                s = tl.dot(x, tl.trans(k), input_precision=PRECISION)
+                tl.store(Sim_ptr + dirn * B * B + offs_i[:, None] * B + offs_n[None, :], s * inv_t,
+                         mask=(row_ok & (offs_r < B))[:, None] & n_ok[None, :])  # online rows only
+                s = tl.where(n_ok[None, :], s * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has one real key
+                corr = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * corr + tl.sum(p, 1)
+                acc = acc * corr[:, None] + tl.dot(p.to(dot_ty), k, input_precision=PRECISION)
+                m_i = m_new
+        else:
+            slot = pid_s
+            lo = pid_s * CHUNK
+            hi = tl.minimum(lo + CHUNK, Q)
+            for start in range(lo, hi, BLOCK_N):  # this split's queue rows
+                offs_n = start + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < hi
+                if USE_TMA:  # rows past Q and columns past D arrive as zeros; no address registers per element
+                    k = Qu.load([start, 0]).to(dot_ty)
+                else:
+                    k = tl.load(Qu + offs_n[:, None] * stride_qu + offs_d[None, :],
+                                mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(dot_ty)
+                s = tl.dot(x, tl.trans(k), input_precision=PRECISION)
+                s = tl.where(n_ok[None, :], s * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                corr = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * corr + tl.sum(p, 1)
+                acc = acc * corr[:, None] + tl.dot(p.to(dot_ty), k, input_precision=PRECISION)
+                m_i = m_new
 
-        # the partials of (direction, split): rows [q; q_m] contiguous, ROWS (a multiple of every BLOCK_M)
-        # per split, so a program's tile never reaches the next split's rows
+        # the partials of (direction, slot): rows [q; q_m] contiguous, ROWS (a multiple of every BLOCK_M)
+        # per slot, so a program's tile never reaches the next slot's rows
         n_part = S * ROWS * tl.num_programs(2)  # elements of PartM (and of PartL)
-        row0 = (dirn * S + pid_s) * ROWS
+        row0 = (dirn * S + slot) * ROWS
         tl.store(Work_ptr + row0 + offs_r, m_i, mask=row_ok)
         tl.store(Work_ptr + n_part + row0 + offs_r, l_i, mask=row_ok)
         if USE_TMA:  # columns past D are clipped; the padded rows are written and never read
@@ -484,10 +520,11 @@ if triton is not None:
         alpha, B, S,
         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
         BLOCK_K: tl.constexpr, HAS_L: tl.constexpr,
+        INBATCH: tl.constexpr,  # the in-batch keys here (else they are one of the S partials, sim written)
     ):
-        # One program per (sample i, direction): the in-batch keys for its online and momentum rows (fp32
-        # logits, the (B, B) block's row i), merged with the queue partials, then the identity's loss,
-        # dq and dT rows.
+        # One program per (sample i, direction): with INBATCH the in-batch keys for its online and
+        # momentum rows (fp32 logits, the (B, B) block's row i: B x D loads per program, so for small B),
+        # merged with the partials, then the identity's loss, dq and dT rows.
         i = tl.program_id(0)
         dirn = tl.program_id(1)
         R = tl.num_programs(1)
@@ -511,7 +548,7 @@ if triton is not None:
         l_mo = tl.zeros([], tl.float32)
         o_on = tl.zeros([BLOCK_D], tl.float32)
         o_mo = tl.zeros([BLOCK_D], tl.float32)
-        for b0 in range(0, B, BLOCK_K):
+        for b0 in range(0, B if INBATCH else 0, BLOCK_K):
             offs_b = b0 + tl.arange(0, BLOCK_K)
             b_ok = offs_b < B
             k = tl.load(K_ptr + offs_b[:, None] * stride_k + offs_d[None, :], mask=b_ok[:, None] & d_ok[None, :],
@@ -627,7 +664,7 @@ if triton is not None:
     # QUEUE_DTYPE: with TMA the queues arrive as descriptors, whose dtype the autotuner's own per-tensor
     # dtype key does not see (bf16 and fp16 queues would share one tuned config). The autotuner skips
     # key names that are not parameters without a word; tests/unit/test_itc_kernel.py checks them.
-    _AUTOTUNE_KEY = ["B", "CHUNK", "D", "LOWP_DOT", "USE_TMA", "QUEUE_DTYPE"]
+    _AUTOTUNE_KEY = ["B", "CHUNK", "D", "LOWP_DOT", "USE_TMA", "QUEUE_DTYPE", "INBATCH"]
     if not _dispatch.interpreting():  # autotune needs a GPU driver; the interpreter keeps one config
         _itc_loss_fwd_kernel = triton.autotune(
             configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY,
@@ -672,16 +709,18 @@ def _triton_fits(directions: list[Direction], temp: Tensor) -> bool:
         and len({t.device for t in (*feats, *queues, temp)}) == 1
         # int32 element offsets inside the kernels, the workspace's included (the next line bounds it)
         and all((t.shape[0] - 1) * t.stride(0) + D < 2**31 for t in (*feats, *queues) if t.shape[0])
-        and 4 * B * (Q // _QUEUE_ALIGN + 1) * (D + 2) < 2**31  # the workspace's int32 offsets
+        # the workspace's int32 offsets: 2 directions x (queue splits + the in-batch slot) x ROWS x (D + 2)
+        and 2 * (Q // _QUEUE_ALIGN + 2) * ((2 * B + 127) // 128 * 128) * (D + 2) < 2**31
     )
 
 
 def _tma_ready(*queues: Tensor) -> bool:
-    """Queue tiles can load through TMA descriptors: Triton has them, a Hopper-or-later GPU (or the
-    interpreter, which emulates them), 16-bit queues (the case measured and tested on an H200; fp32 queues
-    keep the pointer loads, `tma=True` forces TMA), each non-empty, 16-byte aligned, rows 16-byte strided."""
+    """Queue tiles can load (and the fp32 O partials store) through TMA descriptors: Triton has them, a
+    Hopper-or-later GPU (or the interpreter, which emulates them), 16-bit queues (the case measured and
+    tested on an H200; fp32 queues keep the pointer loads, `tma=True` forces TMA), each non-empty, 16-byte
+    aligned, rows 16-byte strided, and D a multiple of 4 (the partials' fp32 rows, 16-byte strided)."""
     q = queues[0]
-    if TensorDescriptor is None or q.shape[0] == 0 or q.dtype not in _LOWP:
+    if TensorDescriptor is None or q.shape[0] == 0 or q.dtype not in _LOWP or q.shape[1] % 4:
         return False
     if not _dispatch.interpreting() and not (q.is_cuda and _device_props(q.device).major >= 9):
         return False
@@ -730,13 +769,17 @@ def _triton_forward(
     dirs = [tuple(_row_major(t) for t in d) for d in directions]
     if R == 1:
         dirs = dirs * 2  # the kernels take two directions; grid axis R launches only the first
-    (q0, qm0, _, qu0), (q1, qm1, _, qu1) = dirs
+    (q0, qm0, k0, qu0), (q1, qm1, k1, qu1) = dirs
     B, D = q0.shape
     Q = qu0.shape[0]
     device = q0.device
     S = splits or _num_splits(B, Q, device, R)
     chunk = triton.cdiv(triton.cdiv(Q, S), _QUEUE_ALIGN) * _QUEUE_ALIGN if Q else _QUEUE_ALIGN
     S = max(1, triton.cdiv(Q, chunk))
+    # the in-batch keys: in the combine kernel for a small batch (B x D loads per program), else their
+    # own launch of the split kernel (INBATCH), one more partial slot
+    inbatch_launch = B > INBATCH_IN_COMBINE_MAX_B
+    slots = S + inbatch_launch
     interp = _dispatch.interpreting()
     lowp = qu0.dtype in _LOWP and not interp  # bf16 tl.dot is wrong in the interpreter: fp32 there
     use_tma = _tma_ready(qu0, qu1) if tma is None else tma
@@ -744,10 +787,10 @@ def _triton_forward(
     # fp32 dots as 3xTF32 on the GPU (~fp32 accuracy at tensor-core speed); 16-bit dots take the default
     precision = "ieee" if interp else ("tf32" if lowp else "tf32x3")
 
-    # one workspace: PartM, PartL (R, S, ROWS), PartO (R, S, ROWS, D), then the (2, R, B) rows; ROWS >= 2B
-    # rows per (direction, split), a multiple of every BLOCK_M
+    # one workspace: PartM, PartL (R, slots, ROWS), PartO (R, slots, ROWS, D), then the (2, R, B) rows; ROWS
+    # >= 2B rows per (direction, slot), a multiple of every BLOCK_M (<= 128)
     rows = triton.cdiv(2 * B, 128) * 128
-    n_part = R * S * rows
+    n_part = R * slots * rows
     work = torch.empty((2 + D) * n_part + 2 * R * B, device=device, dtype=torch.float32)
     sim = torch.empty(R, B, B, device=device, dtype=torch.float32)
     # zeroed by the split-K kernel; a combine-only launch (timing) zeroes them itself (a memset)
@@ -757,8 +800,9 @@ def _triton_forward(
     if config is not None:
         if hasattr(kernel, "configs"):  # under the autotuner: the bare kernel
             kernel = kernel.fn
+        if rows % config["BLOCK_M"]:
+            raise ValueError(f"BLOCK_M must divide {rows} (the partial rows per slot), got {config['BLOCK_M']}")
         meta = dict(config)
-    grid = lambda META: (triton.cdiv(2 * B, META["BLOCK_M"]), S, R)  # noqa: E731
     dq = torch.empty(R, B, D, device=device, dtype=torch.float32)
     loss = torch.empty(R, device=device, dtype=torch.float32)
     dtemp = torch.empty(R, device=device, dtype=torch.float32)
@@ -770,26 +814,30 @@ def _triton_forward(
         qu1_arg = qu0_arg if qu1 is qu0 else TensorDescriptor(qu1, [Q, D], [qu1.stride(0), 1], list(block))
         po_arg = TensorDescriptor(part_o, [n_part, D], [D, 1], [(config or meta).get("BLOCK_M", 64), BLOCK_D])
     if stage != "combine":
-        kernel[grid](
-            q0, qm0, qu0_arg, q1, qm1, qu1_arg, temp, work, po_arg, counters,
-            q0.stride(0), qm0.stride(0), qu0.stride(0), q1.stride(0), qm1.stride(0), qu1.stride(0),
-            B, Q, chunk, S, rows, D=D, BLOCK_D=BLOCK_D, LOWP_DOT=lowp, PRECISION=precision,
-            QUEUE_DTYPE=_TL_DTYPES[qu0.dtype], USE_TMA=use_tma, **meta,
-        )
+        for inbatch in (False, True)[:1 + inbatch_launch]:
+            grid = lambda META, n=1 if inbatch else S: (triton.cdiv(2 * B, META["BLOCK_M"]), n, R)  # noqa: E731
+            kernel[grid](
+                q0, qm0, qu0_arg, q1, qm1, qu1_arg, k0, k1, sim, temp, work, po_arg, counters,
+                q0.stride(0), qm0.stride(0), qu0.stride(0), k0.stride(0),
+                q1.stride(0), qm1.stride(0), qu1.stride(0), k1.stride(0),
+                B, Q, chunk, slots, rows, D=D, BLOCK_D=BLOCK_D, LOWP_DOT=lowp, PRECISION=precision,
+                QUEUE_DTYPE=_TL_DTYPES[qu0.dtype], USE_TMA=use_tma, INBATCH=inbatch, **meta,
+            )
     if stage != "split":
-        per_dir = S * rows  # one direction's PartM (and PartL) elements
+        per_dir = slots * rows  # one direction's PartM (and PartL) elements
         partials = [(work[r * per_dir:], work[n_part + r * per_dir:], part_o[r * per_dir * D:]) for r in (0, R - 1)]
         _combine(partials, rows, rows * D, 1.0, True, dirs, temp, sim, work[(2 + D) * n_part:], dq, loss, dtemp,
-                 counters, alpha, S, BLOCK_D, combine_config)
+                 counters, alpha, slots, BLOCK_D, combine_config, inbatch=not inbatch_launch)
     return loss, sim, dq, dtemp
 
 
 def _combine(partials, stride_ms: int, stride_os: int, m_scale: float, has_l: bool, dirs, temp: Tensor,
              sim: Tensor, rows: Tensor, dq: Tensor, loss: Tensor, dtemp: Tensor, counters: Tensor, alpha: float,
-             S: int, BLOCK_D: int, combine_config: dict | None = None) -> None:
+             S: int, BLOCK_D: int, combine_config: dict | None = None, inbatch: bool = True) -> None:
     """Launch the combine kernel over (B, R) programs: per direction, `partials` = (max, sum, O) of its
     S queue partials (see `_merge_splits`), `dirs` its (q, q_m, keys_m, queue) (both entries the same
-    direction when R = 1); writes sim, dq, loss and dtemp, using `rows` (2 R B fp32) and `counters` (zero)."""
+    direction when R = 1); writes dq, loss and dtemp (and sim with `inbatch`: the in-batch keys in this
+    kernel), using `rows` (2 R B fp32) and `counters` (zero)."""
     (q0, qm0, k0, _), (q1, qm1, k1, _) = dirs
     B, D = q0.shape
     R = loss.shape[0]
@@ -808,7 +856,7 @@ def _combine(partials, stride_ms: int, stride_os: int, m_scale: float, has_l: bo
         q0, qm0, k0, q1, qm1, k1,
         q0.stride(0), qm0.stride(0), k0.stride(0), q1.stride(0), qm1.stride(0), k1.stride(0),
         temp, sim, rows, dq, loss, dtemp, counters, float(alpha), B, S, D=D, BLOCK_D=BLOCK_D,
-        BLOCK_B=min(1024, triton.next_power_of_2(B)), BLOCK_K=16, HAS_L=has_l, **combine,
+        BLOCK_B=min(1024, triton.next_power_of_2(B)), BLOCK_K=16, HAS_L=has_l, INBATCH=inbatch, **combine,
     )
 
 

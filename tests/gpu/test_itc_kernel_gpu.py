@@ -119,19 +119,22 @@ def test_full_size_other_queue_loads(queue_dtype, tma, monkeypatch):
 @pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient"])
 def test_full_size_sdpa_path(backend):
     """The SDPA candidate path (kernels/itc_loss.py: O and LSE from PyTorch's fused attention) at full
-    size with bf16 queues, same rule as the kernel. A backend that refuses the shapes is skipped with
-    its own message (reported, not passed)."""
-    from albef_kernels.itc_loss import itc_loss_fused
+    size with bf16 queues, same rule as the kernel. A backend whose attention kernel refuses the shapes
+    (probed alone) is skipped with its own message (reported, not passed); any error after that fails."""
+    from albef_kernels.itc_loss import _attend, _sdpa_chunk, itc_loss_fused
 
     def sdpa(img, img_m, txt, txt_m, img_q, txt_q, t):
         return itc_loss_fused([(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)], t, ALPHA, f"sdpa:{backend}")
 
     inputs = make_inputs(B, Q, D, torch.float32, torch.bfloat16, seed=4)
     temp = torch.tensor(0.07, device="cuda")
+    size = _sdpa_chunk(Q, 2 * B, inputs[0].device)
+    probe = inputs[4][: 2 * B].expand(Q // size, -1, -1).contiguous()  # (chunks, 2B, D) bf16 queries
     try:
-        out = run(sdpa, inputs, temp)
-    except RuntimeError as exc:
+        _attend(probe, inputs[5].view(Q // size, size, D), backend)
+    except (RuntimeError, NotImplementedError) as exc:
         pytest.skip(f"{backend} refused: {str(exc)[:200]}")
+    out = run(sdpa, inputs, temp)
     oracle = run(torch_at(torch.float64), [x.double() for x in inputs], temp.double())
     assert_no_worse_than_torch(out, oracle, run(torch_at(torch.bfloat16), inputs, temp), factor=2, floor=1e-6)
 

@@ -79,11 +79,26 @@ def test_triton_both_directions_match_reference(B, Q, D, alpha):
     assert_all_close(out, ref, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("B, Q, D, alpha", SHAPES)
+def test_inbatch_launch_matches_reference(B, Q, D, alpha, monkeypatch):
+    """Above INBATCH_IN_COMBINE_MAX_B the in-batch keys are a launch of the split kernel's INBATCH
+    specialisation (one more partial slot, the (B, B) block written there) instead of the combine
+    kernel's loop: the same results."""
+    monkeypatch.setattr(itc_module, "INBATCH_IN_COMBINE_MAX_B", 0)
+    inputs = make_inputs(B, Q, D, seed=B + Q + 1)
+    temp = torch.tensor(0.07)
+    weights = torch.tensor([0.7, 0.4])
+    assert_all_close(fused_both(inputs, temp, alpha, weights), reference_both(inputs, temp, alpha, weights),
+                     rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("inbatch_max", [128, 0])  # in-batch keys in the combine kernel / their own launch
 @pytest.mark.parametrize("B, Q, D", [(5, 37, 24), (16, 300, 64), (7, 130, 33)])
-def test_tma_and_pointer_queue_loads_agree(B, Q, D):
-    """The queue tiles load through TMA descriptors where `_tma_ready` allows (16-bit queues with 16-byte
-    aligned rows: not at D = 33) and through pointers otherwise; forced either way (fp32 queues through
-    TMA where their rows align), both give the streaming oracle's numbers."""
+def test_tma_and_pointer_queue_loads_agree(B, Q, D, inbatch_max, monkeypatch):
+    """The queue tiles load (and the O partials store) through TMA descriptors where `_tma_ready` allows
+    (16-bit queues with 16-byte aligned rows: not at D = 33) and through pointers otherwise; forced either
+    way (fp32 queues through TMA where their rows align), both give the streaming oracle's numbers."""
+    monkeypatch.setattr(itc_module, "INBATCH_IN_COMBINE_MAX_B", inbatch_max)
     img, img_m, txt, txt_m, img_q, txt_q = make_inputs(B, Q, D, seed=D)
     dirs = [(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)]
     temp = torch.tensor(0.07)
@@ -555,6 +570,13 @@ def test_launch_count(monkeypatch):
     assert launches == ["forward", "combine"]
     assert {op for op in inside.ops if op not in views} == {"empty.memory_format"}, inside.ops
 
+    launches.clear()  # a batch above INBATCH_IN_COMBINE_MAX_B: the in-batch keys are one more launch
+    monkeypatch.setattr(itc_module, "INBATCH_IN_COMBINE_MAX_B", 4)
+    itc_module._triton_forward(dirs, temp, 0.4)
+    assert launches == ["forward", "forward", "combine"]
+    monkeypatch.setattr(itc_module, "INBATCH_IN_COMBINE_MAX_B", 128)
+    launches.clear()
+
     img.requires_grad_(), txt.requires_grad_(), temp.requires_grad_()
     upstream = torch.tensor([0.5, 0.5])
     with Record() as whole, use_backend("triton"):
@@ -562,7 +584,7 @@ def test_launch_count(monkeypatch):
         loss.backward(upstream)
     launched = [op for op in whole.ops if op not in views]
     assert launched == ["empty.memory_format"] * 9, launched
-    assert launches == ["forward", "combine", "forward", "combine", "backward"]
+    assert launches == ["forward", "combine", "backward"]
 
 
 def test_autotune_key_names_kernel_parameters():
@@ -613,18 +635,26 @@ for qtype, lowp, prec, tma, (bm, bn, warps, stages) in (
     k = build(itc._itc_loss_fwd_kernel, {"QU0": queue, "QU1": queue, "PO": part_o, "Count_ptr": "*i32"},
               dict(D=256, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=256, LOWP_DOT=lowp, PRECISION=prec,
                    QUEUE_DTYPE=getattr(triton.language, {"bf16": "bfloat16", "fp32": "float32"}[qtype]),
-                   USE_TMA=tma),
+                   USE_TMA=tma, INBATCH=False),
               num_warps=warps, num_stages=stages)
     ptx = k.asm["ptx"]
-    print("forward", qtype, k.metadata.shared, "tma" if tma else "pointers", ptx.count("cp.async.bulk.tensor") > 0)
+    # TMA loads of the queue tiles (global -> shared) and the TMA store of the O partial (shared -> global)
+    print("forward", qtype, k.metadata.shared, "tma" if tma else "pointers",
+          "cp.async.bulk.tensor.2d.shared::cta.global" in ptx or "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx,
+          "cp.async.bulk.tensor.2d.global.shared::cta" in ptx)
+k = build(itc._itc_loss_fwd_kernel, {"QU0": "*bf16", "QU1": "*bf16", "PO": "tensordesc<fp32[128, 256]>",
+                                     "Count_ptr": "*i32"},
+          dict(D=256, BLOCK_M=128, BLOCK_N=64, BLOCK_D=256, LOWP_DOT=True, PRECISION="tf32",
+               QUEUE_DTYPE=triton.language.bfloat16, USE_TMA=True, INBATCH=True), num_warps=8, num_stages=2)
+print("inbatch", k.metadata.shared)
 k = build(itc._itc_loss_combine_kernel, {"Count_ptr": "*i32", "alpha": "fp32", "m_scale": "fp32"},
-          dict(D=256, BLOCK_S=16, BLOCK_D=256, BLOCK_B=64, BLOCK_K=16, HAS_L=True), num_warps=4)
+          dict(D=256, BLOCK_S=16, BLOCK_D=256, BLOCK_B=64, BLOCK_K=16, HAS_L=True, INBATCH=False), num_warps=4)
 ptx = k.asm["ptx"]
 print("combine", k.metadata.shared, "atom.global.gpu.acq_rel.add" in ptx, "ld.volatile.global" in ptx)
 # the SDPA path's: bf16 O partials without sums
 k = build(itc._itc_loss_combine_kernel, {"Count_ptr": "*i32", "alpha": "fp32", "m_scale": "fp32",
                                          "PO0_ptr": "*bf16", "PO1_ptr": "*bf16"},
-          dict(D=256, BLOCK_S=64, BLOCK_D=256, BLOCK_B=64, BLOCK_K=16, HAS_L=False), num_warps=8)
+          dict(D=256, BLOCK_S=64, BLOCK_D=256, BLOCK_B=64, BLOCK_K=16, HAS_L=False, INBATCH=True), num_warps=8)
 ptx = k.asm["ptx"]
 print("combine", k.metadata.shared, "atom.global.gpu.acq_rel.add" in ptx, "ld.volatile.global" in ptx)
 for from_ptr in (False, True):
@@ -651,8 +681,11 @@ def test_kernels_compile_for_sm90():
         pytest.skip("Triton's bundled ptxas is missing")
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line.split() for line in run.stdout.strip().splitlines()]
-    assert [line[0] for line in lines] == ["forward"] * 4 + ["combine"] * 2 + ["sampler"] * 2, run.stdout
+    assert [line[0] for line in lines] == ["forward"] * 4 + ["inbatch"] + ["combine"] * 2 + ["sampler"] * 2, run.stdout
     assert all(int(line[2]) <= 232_448 for line in lines[:4]), run.stdout  # sm_90's shared memory per block
-    # the TMA variants load the queue through bulk tensor copies, the pointer variants never
-    assert [(line[3], line[4]) for line in lines[:4]] == [("tma", "True"), ("pointers", "False")] * 2, run.stdout
-    assert lines[4][2:] == lines[5][2:] == ["True", "True"], run.stdout
+    assert int(lines[4][1]) <= 232_448, run.stdout
+    # the TMA variants load the queue and store the O partial through bulk tensor copies, the pointer
+    # variants do neither
+    assert [tuple(line[3:6]) for line in lines[:4]] == [("tma", "True", "True"), ("pointers", "False", "False")] * 2, \
+        run.stdout
+    assert lines[5][2:] == lines[6][2:] == ["True", "True"], run.stdout
