@@ -55,7 +55,7 @@ def main() -> None:
         queue = f"tensordesc<{qtype}[{bn}, 256]>" if tma else f"*{qtype}"
         signature.update(QU0=queue, QU1=queue, PO=f"tensordesc<fp32[{bm}, 256]>" if tma else "*fp32")
         consts = dict(D=256, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=256, LOWP_DOT=lowp, PRECISION=precision,
-                      QUEUE_DTYPE=tl.bfloat16 if lowp else tl.float32, USE_TMA=tma)
+                      QUEUE_DTYPE=tl.bfloat16 if lowp else tl.float32, USE_TMA=tma, INBATCH=False)
         signature.update({k: "constexpr" for k in consts})
         src = ASTSource(fn=fwd, signature=signature,
                         constexprs={(fwd.arg_names.index(k),): v for k, v in consts.items()})
