@@ -50,6 +50,17 @@ def fused_both(inputs, temp, alpha, weights, backend="triton"):
     return loss.detach(), sim, img.grad, txt.grad, t.grad
 
 
+def path_both(inputs, temp, alpha, weights, path, directions=2):
+    """`itc_loss_fused` on `path` over the first `directions` directions: (loss, sim, grad image_feat,
+    grad text_feat, grad temp) of sum(weights * loss) (grad text_feat None for one direction)."""
+    img, img_m, txt, txt_m, img_q, txt_q = inputs
+    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    t = temp.clone().requires_grad_()
+    loss, sim = itc_loss_fused([(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)][:directions], t, alpha, path)
+    (weights[:directions] * loss).sum().backward()
+    return loss.detach(), sim, img.grad, txt.grad, t.grad
+
+
 NAMES = ("loss", "sim", "grad image_feat", "grad text_feat", "grad temp")
 
 
@@ -216,18 +227,13 @@ def test_streaming_matches_reference_float64(B, Q, D, alpha):
     temp = torch.tensor(0.07, dtype=torch.float64)
     weights = torch.tensor([0.7, 0.2], dtype=torch.float64)
     ref = reference_both(inputs, temp, alpha, weights)
-    img, img_m, txt, txt_m, img_q, txt_q = inputs
-    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    t = temp.clone().requires_grad_()
     itc_module_chunk = itc_module.STREAMING_CHUNK
     try:
         itc_module.STREAMING_CHUNK = 8  # several chunks at this size
-        loss, sim = itc_loss_fused([(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)], t, alpha,
-                                   "streaming")
+        out = path_both(inputs, temp, alpha, weights, "streaming")
     finally:
         itc_module.STREAMING_CHUNK = itc_module_chunk
-    (weights * loss).sum().backward()
-    assert_all_close((loss.detach(), sim, img.grad, txt.grad, t.grad), ref, rtol=1e-10, atol=1e-12)
+    assert_all_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
 def test_streaming_gradcheck():
@@ -362,12 +368,7 @@ def test_sdpa_path_matches_reference_float64(B, Q, D, alpha, chunk, monkeypatch)
     temp = torch.tensor(0.07, dtype=torch.float64)
     weights = torch.tensor([0.3, 0.9], dtype=torch.float64)
     ref = reference_both(inputs, temp, alpha, weights)
-    img, img_m, txt, txt_m, img_q, txt_q = inputs
-    img, txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    t = temp.clone().requires_grad_()
-    loss, sim = itc_loss_fused([(img, img_m, txt_m, txt_q), (txt, txt_m, img_m, img_q)], t, alpha, "sdpa")
-    (weights * loss).sum().backward()
-    assert_all_close((loss.detach(), sim, img.grad, txt.grad, t.grad), ref, rtol=1e-10, atol=1e-12)
+    assert_all_close(path_both(inputs, temp, alpha, weights, "sdpa"), ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("B, Q, D, chunk, R", [
@@ -385,19 +386,16 @@ def test_sdpa_fused_combine_matches_reference(B, Q, D, chunk, R, monkeypatch):
     temp = torch.tensor(0.07)
     weights = torch.tensor([0.6, 0.8]) if R == 2 else torch.tensor([1.0, 0.0])
     ref = reference_both(inputs, temp, 0.4, weights)
-    img, img_m, txt, txt_m, img_q, txt_q = inputs
-    img_r, txt_r = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    t = temp.clone().requires_grad_()
-    directions = [(img_r, img_m, txt_m, txt_q), (txt_r, txt_m, img_m, img_q)][:R]
     with use_backend("triton"):
-        loss, sim = itc_loss_fused(directions, t, 0.4, "sdpa")
-    (weights[:R] * loss).sum().backward()
+        loss, sim, g_img, g_txt, g_t = path_both(inputs, temp, 0.4, weights, "sdpa", directions=R)
     assert fused == [1]
     if R == 2:
-        assert_all_close((loss.detach(), sim, img_r.grad, txt_r.grad, t.grad), ref, rtol=1e-5, atol=2e-6)
+        assert_all_close((loss, sim, g_img, g_txt, g_t), ref, rtol=1e-5, atol=2e-6)
     else:
-        assert_all_close((loss.detach(), sim[:1], img_r.grad, t.grad), (ref[0][:1], ref[1][:1], ref[2], ref[4]),
-                         rtol=1e-5, atol=2e-6)
+        assert g_txt is None
+        for name, a, b in (("loss", loss, ref[0][:1]), ("sim", sim, ref[1][:1]), ("grad image_feat", g_img, ref[2]),
+                           ("grad temp", g_t, ref[4])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_sdpa_path_copies_the_queries_for_a_kernel_refusing_a_stride_0_batch(monkeypatch):
@@ -433,17 +431,13 @@ def test_sdpa_path_bf16_queue_and_bad_backend():
     inputs = make_inputs(6, 300, 32, queue_dtype=torch.bfloat16, seed=8)
     temp, weights = torch.tensor(0.07), torch.tensor([0.5, 0.5])
     ref = reference_both(inputs, temp, 0.4, weights)
-    img, img_m, txt, txt_m, img_q, txt_q = inputs
-    img_r, txt_r = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    t = temp.clone().requires_grad_()
-    loss, sim = itc_loss_fused([(img_r, img_m, txt_m, txt_q), (txt_r, txt_m, img_m, img_q)], t, 0.4, "sdpa")
-    (weights * loss).sum().backward()
-    out = (loss.detach(), sim, img_r.grad, txt_r.grad, t.grad)
+    out = path_both(inputs, temp, 0.4, weights, "sdpa")
     low = [x.to(torch.bfloat16) for x in inputs]  # PyTorch's own bf16 error: the reference in bf16
     bf16 = reference_both(low, temp.to(torch.bfloat16), 0.4, weights.to(torch.bfloat16))
     for name, a, b, r in zip(NAMES, out, bf16, ref):
         err, own = (a.double() - r.double()).abs().max(), (b.double() - r.double()).abs().max()
         assert err <= 2 * own, f"{name}: SDPA path error {err:.3g} > 2 x bf16 reference error {own:.3g}"
+    img, img_m, txt, txt_m, img_q, txt_q = inputs
     with pytest.raises(ValueError, match="SDPA backend must be one of"):
         itc_loss_fused([(img, img_m, txt_m, txt_q)], temp, 0.4, "sdpa:nope")
 
