@@ -207,6 +207,15 @@ def host_profile(fn, B: int, calls: int = 50) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
+def with_inbatch_limit(limit: int, fn):
+    """fn() with the kernel's in-batch threshold (INBATCH_IN_COMBINE_MAX_B) set to `limit`."""
+    saved, itc_module.INBATCH_IN_COMBINE_MAX_B = itc_module.INBATCH_IN_COMBINE_MAX_B, limit
+    try:
+        return fn()
+    finally:
+        itc_module.INBATCH_IN_COMBINE_MAX_B = saved
+
+
 def breakdown_rows(args) -> list[Row]:
     """Where the GPU time of the Triton path goes (CUDA-graph replay, so without host overhead): the
     split-K kernel alone (queue tiles through TMA where `_tma_ready` allows, and through pointers), the
@@ -246,6 +255,10 @@ def breakdown_rows(args) -> list[Row]:
             "fwd_bwd_upstream": op_fwd_bwd,
             "fwd_bwd_mean": fwd_bwd(fused_both, inputs),
         }
+        # the in-batch keys in the combine kernel against their own launch (INBATCH_IN_COMBINE_MAX_B's choice)
+        for name, limit in (("forward_inbatch_in_combine", 1 << 30), ("forward_inbatch_launch", 0)):
+            stages[name] = lambda limit=limit, dirs=directions, t=temp: with_inbatch_limit(
+                limit, lambda: itc_module._triton_forward(dirs, t, ALPHA))
         for b in ("cudnn", "flash", "efficient"):  # the SDPA candidate: its attention calls alone, then whole
             chunk = itc_module._sdpa_chunk(args.queue, 2 * B, dev)
             n = args.queue // chunk
