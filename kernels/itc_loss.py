@@ -665,6 +665,10 @@ if triton is not None:
     # dtype key does not see (bf16 and fp16 queues would share one tuned config). The autotuner skips
     # key names that are not parameters without a word; tests/unit/test_itc_kernel.py checks them.
     _AUTOTUNE_KEY = ["B", "CHUNK", "D", "LOWP_DOT", "USE_TMA", "QUEUE_DTYPE", "INBATCH"]
+    # the INBATCH launch's fixed config by LOWP_DOT (fp32 features loaded, then rounded for 16-bit dots);
+    # both fit sm_90's shared memory at D = 256 (tests/unit/test_itc_kernel.py compiles them)
+    _INBATCH_CONFIG = {True: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                       False: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)}
     if not _dispatch.interpreting():  # autotune needs a GPU driver; the interpreter keeps one config
         _itc_loss_fwd_kernel = triton.autotune(
             configs=_FWD_CONFIGS, key=_AUTOTUNE_KEY,
@@ -814,14 +818,21 @@ def _triton_forward(
         qu1_arg = qu0_arg if qu1 is qu0 else TensorDescriptor(qu1, [Q, D], [qu1.stride(0), 1], list(block))
         po_arg = TensorDescriptor(part_o, [n_part, D], [D, 1], [(config or meta).get("BLOCK_M", 64), BLOCK_D])
     if stage != "combine":
-        for inbatch in (False, True)[:1 + inbatch_launch]:
-            grid = lambda META, n=1 if inbatch else S: (triton.cdiv(2 * B, META["BLOCK_M"]), n, R)  # noqa: E731
-            kernel[grid](
-                q0, qm0, qu0_arg, q1, qm1, qu1_arg, k0, k1, sim, temp, work, po_arg, counters,
+        launches = [(kernel, meta, po_arg, S, False)]
+        if inbatch_launch:  # a fixed config (no autotuning of a launch this small): one that fits sm_90
+            bare = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+            cfg = _INBATCH_CONFIG[lowp] if not interp else meta
+            po_in = (TensorDescriptor(part_o, [n_part, D], [D, 1], [cfg["BLOCK_M"], BLOCK_D]) if use_tma
+                     else po_arg)
+            launches.append((bare, cfg, po_in, 1, True))
+        for fn, cfg, po, n, inbatch in launches:
+            grid = lambda META, n=n: (triton.cdiv(2 * B, META["BLOCK_M"]), n, R)  # noqa: E731
+            fn[grid](
+                q0, qm0, qu0_arg, q1, qm1, qu1_arg, k0, k1, sim, temp, work, po, counters,
                 q0.stride(0), qm0.stride(0), qu0.stride(0), k0.stride(0),
                 q1.stride(0), qm1.stride(0), qu1.stride(0), k1.stride(0),
                 B, Q, chunk, slots, rows, D=D, BLOCK_D=BLOCK_D, LOWP_DOT=lowp, PRECISION=precision,
-                QUEUE_DTYPE=_TL_DTYPES[qu0.dtype], USE_TMA=use_tma, INBATCH=inbatch, **meta,
+                QUEUE_DTYPE=_TL_DTYPES[qu0.dtype], USE_TMA=use_tma, INBATCH=inbatch, **cfg,
             )
     if stage != "split":
         per_dir = slots * rows  # one direction's PartM (and PartL) elements

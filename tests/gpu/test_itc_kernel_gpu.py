@@ -98,6 +98,20 @@ def test_full_size_bf16_queue(feat_dtype):
     assert_no_worse_than_torch(out, oracle, torch_bf16, factor=2, floor=1e-6)
 
 
+def test_inbatch_launch_bf16_queue():
+    """B = 192 (above INBATCH_IN_COMBINE_MAX_B): the in-batch keys run as the split kernel's INBATCH launch
+    (bf16 tensor-core dots, one more partial slot), same rule as above."""
+    from albef_kernels import itc_loss as itc_module
+
+    n = 192
+    assert n > itc_module.INBATCH_IN_COMBINE_MAX_B
+    inputs = make_inputs(n, Q, D, torch.float32, torch.bfloat16, seed=5)
+    temp = torch.tensor(0.07, device="cuda")
+    oracle = run(torch_at(torch.float64), [x.double() for x in inputs], temp.double())
+    assert_no_worse_than_torch(run(fused, inputs, temp), oracle, run(torch_at(torch.bfloat16), inputs, temp),
+                               factor=2, floor=1e-6)
+
+
 @pytest.mark.parametrize("queue_dtype, tma", [(torch.bfloat16, False), (torch.float32, True)])
 def test_full_size_other_queue_loads(queue_dtype, tma, monkeypatch):
     """The queue-load path `_tma_ready` does not choose, forced: pointer loads for bf16 queues (the

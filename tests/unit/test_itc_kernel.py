@@ -636,11 +636,15 @@ for qtype, lowp, prec, tma, (bm, bn, warps, stages) in (
     print("forward", qtype, k.metadata.shared, "tma" if tma else "pointers",
           "cp.async.bulk.tensor.2d.shared::cta.global" in ptx or "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx,
           "cp.async.bulk.tensor.2d.global.shared::cta" in ptx)
-k = build(itc._itc_loss_fwd_kernel, {"QU0": "*bf16", "QU1": "*bf16", "PO": "tensordesc<fp32[128, 256]>",
-                                     "Count_ptr": "*i32"},
-          dict(D=256, BLOCK_M=128, BLOCK_N=64, BLOCK_D=256, LOWP_DOT=True, PRECISION="tf32",
-               QUEUE_DTYPE=triton.language.bfloat16, USE_TMA=True, INBATCH=True), num_warps=8, num_stages=2)
-print("inbatch", k.metadata.shared)
+for lowp, qtype, prec, tma in ((True, "bf16", "tf32", True), (False, "fp32", "tf32x3", False), (False, "fp32", "tf32x3", True)):
+    cfg = dict(itc._INBATCH_CONFIG[lowp])
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    k = build(itc._itc_loss_fwd_kernel, {"QU0": f"*{qtype}", "QU1": f"*{qtype}", "Count_ptr": "*i32",
+                                         "PO": f"tensordesc<fp32[{cfg['BLOCK_M']}, 256]>" if tma else "*fp32"},
+              dict(D=256, BLOCK_D=256, LOWP_DOT=lowp, PRECISION=prec, USE_TMA=tma, INBATCH=True,
+                   QUEUE_DTYPE=getattr(triton.language, {"bf16": "bfloat16", "fp32": "float32"}[qtype]), **cfg),
+              num_warps=warps, num_stages=stages)
+    print("inbatch", k.metadata.shared)
 k = build(itc._itc_loss_combine_kernel, {"Count_ptr": "*i32", "alpha": "fp32", "m_scale": "fp32"},
           dict(D=256, BLOCK_S=16, BLOCK_D=256, BLOCK_B=64, BLOCK_K=16, HAS_L=True, INBATCH=False), num_warps=4)
 ptx = k.asm["ptx"]
@@ -675,11 +679,12 @@ def test_kernels_compile_for_sm90():
         pytest.skip("Triton's bundled ptxas is missing")
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line.split() for line in run.stdout.strip().splitlines()]
-    assert [line[0] for line in lines] == ["forward"] * 4 + ["inbatch"] + ["combine"] * 2 + ["sampler"] * 2, run.stdout
+    assert [line[0] for line in lines] == ["forward"] * 4 + ["inbatch"] * 3 + ["combine"] * 2 + ["sampler"] * 2, \
+        run.stdout
     assert all(int(line[2]) <= 232_448 for line in lines[:4]), run.stdout  # sm_90's shared memory per block
-    assert int(lines[4][1]) <= 232_448, run.stdout
+    assert all(int(line[1]) <= 232_448 for line in lines[4:7]), run.stdout
     # the TMA variants load the queue and store the O partial through bulk tensor copies, the pointer
     # variants do neither
     assert [tuple(line[3:6]) for line in lines[:4]] == [("tma", "True", "True"), ("pointers", "False", "False")] * 2, \
         run.stdout
-    assert lines[5][2:] == lines[6][2:] == ["True", "True"], run.stdout
+    assert lines[7][2:] == lines[8][2:] == ["True", "True"], run.stdout
