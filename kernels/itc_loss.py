@@ -556,8 +556,10 @@ if triton is not None:
             s_on = tl.sum(k * q[None, :], 1) * inv_t
             tl.store(Sim_ptr + (dirn * B + i) * B + offs_b, s_on, mask=b_ok)
             s_mo = tl.sum(k * qm[None, :], 1) * inv_t
-            m_on, l_on, o_on = _online_step(m_on, l_on, o_on, tl.where(b_ok, s_on * 1.4426950408889634, float("-inf")), k)
-            m_mo, l_mo, o_mo = _online_step(m_mo, l_mo, o_mo, tl.where(b_ok, s_mo * 1.4426950408889634, float("-inf")), k)
+            t_on = tl.where(b_ok, s_on * 1.4426950408889634, float("-inf"))  # log2 units; no key: -inf
+            t_mo = tl.where(b_ok, s_mo * 1.4426950408889634, float("-inf"))
+            m_on, l_on, o_on = _online_step(m_on, l_on, o_on, t_on, k)
+            m_mo, l_mo, o_mo = _online_step(m_mo, l_mo, o_mo, t_mo, k)
 
         o, lse2 = _merge_splits(PM_ptr, PL_ptr, PO_ptr, i, stride_ms, stride_os, S, m_scale, m_on, l_on, o_on,
                                 offs_d, d_ok, D, BLOCK_S, HAS_L)
