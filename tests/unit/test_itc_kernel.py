@@ -634,9 +634,10 @@ for qtype, lowp, prec, tma, (bm, bn, warps, stages) in (
     ptx = k.asm["ptx"]
     # TMA loads of the queue tiles (global -> shared) and the TMA store of the O partial (shared -> global)
     print("forward", qtype, k.metadata.shared, "tma" if tma else "pointers",
-          "cp.async.bulk.tensor.2d.shared::cta.global" in ptx or "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx,
+          any(f"cp.async.bulk.tensor.2d.shared::{space}.global" in ptx for space in ("cta", "cluster")),
           "cp.async.bulk.tensor.2d.global.shared::cta" in ptx)
-for lowp, qtype, prec, tma in ((True, "bf16", "tf32", True), (False, "fp32", "tf32x3", False), (False, "fp32", "tf32x3", True)):
+for lowp, qtype, prec, tma in ((True, "bf16", "tf32", True), (False, "fp32", "tf32x3", False),
+                               (False, "fp32", "tf32x3", True)):
     cfg = dict(itc._INBATCH_CONFIG[lowp])
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     k = build(itc._itc_loss_fwd_kernel, {"QU0": f"*{qtype}", "QU1": f"*{qtype}", "Count_ptr": "*i32",
