@@ -377,7 +377,7 @@ if triton is not None:
         # kernel holds one loop in registers (with the O partial stored through TMA: 96 B of spill at
         # 128 x 64 on sm_90 against ~1.1 KB with both loops in one kernel and a pointer store, and 496 B
         # with both as branches of one kernel; benchmarks/kernels/sm90_resources.py; in the SASS the queue
-        # loop is spill-free in all three, the spills sat in the in-batch loop and the epilogue), and every
+        # loop was (1 LDL) and is spill-free, the spills sat in the in-batch loop and the epilogue), and every
         # queue split does the same work (split 0 used to carry the B in-batch keys on the critical path).
         pid_r = tl.program_id(0)
         pid_s = tl.program_id(1)
