@@ -11,3 +11,11 @@ device_info() {
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     } 2>&1 | tee "$OUT/$1"
 }
+# gpu_tests SECONDS LOG PYTEST_ARGS...: the GPU tests named, with a time limit, output shown and saved as
+# $OUT/LOG, followed by the pytest exit status
+gpu_tests() {
+    local limit=$1 log=$2
+    shift 2
+    timeout "$limit" python3 -m pytest -q -s -p no:cacheprovider --durations=0 "$@" 2>&1 | tee "$OUT/$log"
+    echo "tests rc=${PIPESTATUS[0]}" | tee -a "$OUT/$log"
+}

@@ -9,12 +9,11 @@ set -uo pipefail
 source benchmarks/gpu_env.sh
 device_info device_itc.txt
 T=tests/gpu/test_itc_kernel_gpu.py
-timeout 85 python3 -m pytest -q -s -p no:cacheprovider --durations=0 "$T::test_odd_shape_fp32" \
+gpu_tests 85 itc_gpu_tests.log "$T::test_odd_shape_fp32" \
     "$T::test_full_size_bf16_queue" "$T::test_cuda_graph_replay_matches_eager" \
     "$T::test_torch_compile_fullgraph_matches_eager" "$T::test_deterministic_and_free_of_host_syncs" \
     "$T::test_sampler_never_the_positive_and_degenerate_rows" "$T::test_sampler_distribution_matches_multinomial" \
-    "$T::test_full_size_fp32" 2>&1 | tee "$OUT/itc_gpu_tests.log"
-echo "tests rc=${PIPESTATUS[0]}" | tee -a "$OUT/itc_gpu_tests.log"
+    "$T::test_full_size_fp32"
 # B=64, bf16 queues: the kernel (default split count, then forced ones) against the eager reference
 timeout 30 python3 benchmarks/kernels/bench_itc_loss.py --batch 64 --queue-dtype bf16 --providers triton torch \
     --splits 33 66 132 --csv "$OUT/kernels.csv" 2>&1 | tee "$OUT/bench_itc_b64.log"

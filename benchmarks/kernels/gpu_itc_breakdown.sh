@@ -12,12 +12,10 @@ set -uo pipefail
 source benchmarks/gpu_env.sh
 device_info device_itc.txt
 T=tests/gpu/test_itc_kernel_gpu.py
-timeout 130 python3 -m pytest -q -s -p no:cacheprovider --durations=0 "$T::test_full_size_bf16_queue" \
+gpu_tests 130 itc_gpu_tests.log "$T::test_full_size_bf16_queue" \
     "$T::test_cuda_graph_replay_matches_eager" "$T::test_odd_shape_fp32" \
     "$T::test_deterministic_and_free_of_host_syncs" "$T::test_full_size_other_queue_loads" \
-    "$T::test_full_size_fp32" "$T::test_inbatch_launch_bf16_queue" "$T::test_full_size_sdpa_path" \
-    2>&1 | tee "$OUT/itc_gpu_tests.log"
-echo "tests rc=${PIPESTATUS[0]}" | tee -a "$OUT/itc_gpu_tests.log"
+    "$T::test_full_size_fp32" "$T::test_inbatch_launch_bf16_queue" "$T::test_full_size_sdpa_path"
 timeout 60 python3 benchmarks/kernels/bench_itc_loss.py --batch 64 512 --queue-dtype bf16 \
     --providers triton torch sdpa_cudnn sdpa_flash sdpa_efficient \
     --csv "$OUT/kernels.csv" 2>&1 | tee "$OUT/bench_itc.log"
