@@ -68,6 +68,7 @@ from albef_fast.data.transforms import (
 __all__ = ["OP_CODES", "DaliImagePipeline", "affine_matrix", "dali_unavailable_reason", "equalize_lut", "pil_equalize",
            "pil_equalize_batch", "sample_inputs"]
 
+
 def _disown_pipelines_after_fork() -> None:
     """In a child forked from a process that built DALI pipelines (DataLoader workers start by fork):
     take every pipeline's native handle away from it without shutting it down. The child holds copies of
