@@ -24,10 +24,12 @@ Paths, all behind `itc_loss` (one direction) and `itc_loss_bidirectional` (both,
   triton     (CUDA, or the interpreter under use_backend("triton")) split-K ("flash-decoding"): the
              rows of a direction are X = [q; q_m] (2B rows sharing every key); program (row block of X,
              split s, direction) streams its chunk of the queue with an online log-sum-exp in registers
-             and writes per-split (max, sum, O) partials; a combine kernel (one program per sample and
-             direction) takes the B in-batch keys itself (fp32 logits, writing the (B, B) block), merges
-             them with the splits and writes dq and the loss and dT rows, and the last of its programs
-             to arrive (an atomic counter, zeroed by the forward kernel) sums the rows in a fixed order.
+             and writes per-split (max, sum, O) partials; the B in-batch keys (and the (B, B) block) are
+             the combine kernel's up to B = INBATCH_IN_COMBINE_MAX_B (fp32 logits), else one more launch
+             of the split kernel (INBATCH) writing one more partial; a combine kernel (one program per
+             sample and direction) merges them and writes dq and the loss and dT rows, and the last of
+             its programs to arrive (an atomic counter, zeroed by the forward kernel) sums the rows in a
+             fixed order.
   streaming  plain PyTorch, the same identity chunked over the queue (O(B*chunk + B*D) memory): the
              CPU fallback for large shapes (B * (B + Q) >= STREAMING_MIN_LOGITS) and for inputs the
              kernel does not cover.
@@ -38,9 +40,10 @@ block holds a whole direction), plus the partials, S * 4B * D * 4 bytes written 
 FLOPs 4 * 2B * N * D per direction (two tensor-core GEMMs per key tile, online and momentum rows), so
 17.2 GFLOP at B = 64, Q = 65,536, D = 256: memory-bound below B ~ 150 on an H100 (report GB/s there),
 compute-bound above (report TFLOP/s).
-Launches: forward = split-K kernel + combine kernel (no torch op; tests/unit/test_itc_kernel.py counts
-them); backward = one kernel (both queries' gradients and temp's) when eager, two elementwise torch ops
-(dot for temp, one product for both queries) under torch.compile, which fuses them. At B = 64 the GPU
+Launches: forward = split-K kernel + combine kernel, plus the INBATCH launch above B = 128 (no torch op;
+tests/unit/test_itc_kernel.py counts them); backward = one kernel (both queries' gradients and temp's)
+when eager, two elementwise torch ops (dot for temp, one product for both queries) under torch.compile,
+which fuses them. At B = 64 the GPU
 work is tens of us, so the host's launch overhead matters: the benchmark reports the eager time and the
 time replayed from a CUDA graph, and whole-step capture is the lever. torch.compile: the fused paths
 are registered as the op `torch.ops.albef_kernels.itc_loss` (fake implementation + backward), used
@@ -48,8 +51,8 @@ when compiling (no graph break); eager calls take an autograd.Function around th
 host path is cheaper than the registered op's Python dispatch.
 Precision: fp32 accumulation throughout. bf16/fp16 queues run bf16/fp16 tensor-core dots (the queries
 are rounded to the queue's dtype, softmax weights to the same before the P @ K product, as in
-FlashAttention); fp32 queues use 3xTF32 dots (~fp32 accuracy); the in-batch keys (the combine kernel's) are
-fp32 CUDA-core dot products in every case. The interpreter always computes fp32.
+FlashAttention); fp32 queues use 3xTF32 dots (~fp32 accuracy); in the combine kernel (B <= 128) the
+in-batch keys are fp32 CUDA-core dot products. The interpreter always computes fp32.
 Envelope (Triton): D <= 256, features and queues fp32/bf16/fp16 (each its own dtype), every feature of
 one call in one dtype and the queues in one dtype, no gradient needed to q_m, keys_m or queue (ALBEF's
 momentum tensors carry none), index spans < 2^31. Anything else runs the streaming or reference path.
@@ -320,6 +323,7 @@ def _sdpa_fused(directions: list[Direction], temp: Tensor, alpha: float, size: i
     dirs = [tuple(_row_major(t) for t in d) for d in directions]
     B, D = dirs[0][0].shape
     device = dirs[0][0].device
+    S = dirs[0][3].shape[0] // size  # the chunks (the queue splits into them exactly)
     partials = []
     for q, q_m, _, queue in dirs:
         acc = torch.promote_types(q.dtype, torch.float32)
@@ -332,7 +336,6 @@ def _sdpa_fused(directions: list[Direction], temp: Tensor, alpha: float, size: i
             partials.append((q, q, q))
     if R == 1:
         dirs, partials = dirs * 2, partials * 2
-    S = partials[0][2].shape[0] if partials[0][2].dim() == 3 else 0
     lse0 = partials[0][0]
     loss = torch.empty(R, device=device, dtype=torch.float32)
     dtemp = torch.empty(R, device=device, dtype=torch.float32)
@@ -374,7 +377,7 @@ if triton is not None:
         # B = 64 a 128-row block holds the whole direction: 2 x S programs in all). Program id 0 runs
         # fastest: the row blocks of one split are launched side by side and share its keys in L2.
         # The queue splits and the in-batch keys are separate specialisations (INBATCH): each compiled
-        # kernel holds one loop in registers (with the O partial stored through TMA: 96 B of spill at
+        # kernel holds one loop in registers (with the O partial stored through TMA: 88 B of spill at
         # 128 x 64 on sm_90 against ~1.1 KB with both loops in one kernel and a pointer store, and 496 B
         # with both as branches of one kernel; benchmarks/kernels/sm90_resources.py; in the SASS the queue
         # loop was (1 LDL) and is spill-free, the spills sat in the in-batch loop and the epilogue), and every
@@ -426,13 +429,7 @@ if triton is not None:
                 s = tl.dot(x, tl.trans(k), input_precision=PRECISION)
                 tl.store(Sim_ptr + dirn * B * B + offs_i[:, None] * B + offs_n[None, :], s * inv_t,
                          mask=(row_ok & (offs_r < B))[:, None] & n_ok[None, :])  # online rows only
-                s = tl.where(n_ok[None, :], s * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has one real key
-                corr = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * corr + tl.sum(p, 1)
-                acc = acc * corr[:, None] + tl.dot(p.to(dot_ty), k, input_precision=PRECISION)
-                m_i = m_new
+                m_i, l_i, acc = _softmax_tile(s, n_ok, scale, k, m_i, l_i, acc, dot_ty, PRECISION)
         else:
             slot = pid_s
             lo = pid_s * CHUNK
@@ -446,13 +443,7 @@ if triton is not None:
                     k = tl.load(Qu + offs_n[:, None] * stride_qu + offs_d[None, :],
                                 mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(dot_ty)
                 s = tl.dot(x, tl.trans(k), input_precision=PRECISION)
-                s = tl.where(n_ok[None, :], s * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                corr = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * corr + tl.sum(p, 1)
-                acc = acc * corr[:, None] + tl.dot(p.to(dot_ty), k, input_precision=PRECISION)
-                m_i = m_new
+                m_i, l_i, acc = _softmax_tile(s, n_ok, scale, k, m_i, l_i, acc, dot_ty, PRECISION)
 
         # the partials of (direction, slot): rows [q; q_m] contiguous, ROWS (a multiple of every BLOCK_M)
         # per slot, so a program's tile never reaches the next slot's rows
@@ -465,6 +456,18 @@ if triton is not None:
         else:
             tl.store(Work_ptr + 2 * n_part + (row0 + offs_r)[:, None] * D + offs_d[None, :], acc,
                      mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _softmax_tile(s, n_ok, scale, k, m_i, l_i, acc, DOT_TY: tl.constexpr, PRECISION: tl.constexpr):
+        # one tile of keys k (BLOCK_N, BLOCK_D) with raw logits s = x k^T (BLOCK_M, BLOCK_N) into the rows'
+        # running (max, sum, O), in log2 units (scale = log2(e) / T); keys outside n_ok get no weight
+        s = tl.where(n_ok[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile has one real key
+        corr = tl.exp2(m_i - m_new)  # rescale of the sums taken under the old max
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * corr + tl.sum(p, 1)
+        acc = acc * corr[:, None] + tl.dot(p.to(DOT_TY), k, input_precision=PRECISION)
+        return m_new, l_i, acc
 
     @triton.jit
     def _online_step(m, l, o, t, k):
@@ -625,8 +628,9 @@ if triton is not None:
 
     # Shared memory at BLOCK_D = 256 compiled for sm_90 offline (benchmarks/kernels/sm90_resources.py,
     # limit 232,448 B): every config below fits with 16-bit queues (53-213 KB); fp32 queues (3xTF32
-    # dots) need ~2-3x more and only these four fit (98-229 KB), with pointer and with TMA queue loads. The others are pruned before
-    # compiling rather than compiled and dropped by the autotuner (seconds each on the GPU).
+    # dots) need ~2-3x more and only these four fit (98-229 KB), with pointer and with TMA queue loads.
+    # The others are pruned before compiling rather than compiled and dropped by the autotuner (seconds
+    # each on the GPU).
     _FP32_D256_FITS = {(64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2)}  # (M, N, warps, stages)
 
     def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
