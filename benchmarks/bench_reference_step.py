@@ -7,7 +7,8 @@ PERFORMANCE.md's CPU target: our tiny-config train step in <= 0.5x the time of t
 formulation. The reference is LAVIS's ALBEF (salesforce-lavis 1.0.2, in .venv-lavis: `make parity-env`),
 driven by albef_fast/parity/reference_side.py --time-steps: its own forward (EMA, ITC against the queue,
 the per-row torch.multinomial hard-negative loop, ITM, MLM with the momentum distillation, enqueue),
-backward and an AdamW step. Ours: PretrainTask forward, backward, AdamW, after_step (EMA, enqueue,
+backward and an AdamW step. Ours: PretrainTask forward, backward, the training loop's AdamW
+(`build_optimizer`: ALBEF's parameter groups, PyTorch's fused implementation), after_step (EMA, enqueue,
 clamp), with the default CPU paths (`kernels.backend=auto`, attention auto = SDPA on the CPU). Both
 sides start from the same weights and queue (converted by our converter), take the same images,
 captions and MLM mask, run in eval mode (dropout off on both) with the same number of threads, and
@@ -30,13 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks._harness import Row, append_rows, device_name, quantiles_ms  # noqa: E402
 
+from albef_fast.config import OptimConfig  # noqa: E402
 from albef_fast.parity.harness import make_case, reference_inputs, run_reference  # noqa: E402
+from albef_fast.train.optim import build_optimizer  # noqa: E402
 
 
 def time_ours(case, steps: int) -> list[float]:
     task, batch = case.task, case.batch
-    params = [p for p in task.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.02)
+    opt = build_optimizer(task.model, OptimConfig(lr=1e-4, weight_decay=0.02))  # the training loop's
     seconds = []
     for i in range(steps + 1):  # the first is a warm-up
         t0 = time.perf_counter()

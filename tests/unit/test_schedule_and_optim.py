@@ -1,11 +1,12 @@
 """ALBEF's learning-rate schedule, alpha ramp and parameter groups (REFERENCE §3.4)."""
 
 import pytest
+import torch
 
 from albef_fast.config import LossConfig, OptimConfig
 from albef_fast.models.albef import ALBEF
 from albef_fast.models.presets import get_preset
-from albef_fast.train.optim import param_groups
+from albef_fast.train.optim import build_optimizer, param_groups
 from albef_fast.train.schedule import alpha_at, lr_at
 
 
@@ -46,3 +47,27 @@ def test_param_groups_follow_albef():
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
     twin = model.momentum_copy()
     assert sum(len(g["params"]) for g in param_groups(twin, 0.02)) == 0
+
+
+def test_cpu_optimizer_is_fused_and_steps_like_the_default():
+    """On the CPU build_optimizer takes PyTorch's fused AdamW (6x faster on albef_tiny); three steps
+    with fresh random gradients land where the default for-each AdamW lands, to fp32 rounding."""
+    torch.manual_seed(0)
+    model = ALBEF(get_preset("albef_tiny"))
+    twin = ALBEF(get_preset("albef_tiny"))
+    twin.load_state_dict(model.state_dict())
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = OptimConfig(lr=1e-3)
+    fused = build_optimizer(model, cfg)
+    assert fused.defaults["fused"] is True
+    default = torch.optim.AdamW(param_groups(twin, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                                eps=cfg.eps)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        default.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert not torch.equal(p, start[name]), name  # every parameter moved
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
