@@ -276,7 +276,11 @@ def test_dispatch_rules(monkeypatch):
         assert _path_of(monkeypatch, f64, t64) == "reference"  # no fp64 kernel
         wide = make_inputs(2, 3, 264)
         assert _path_of(monkeypatch, wide) == "reference"  # D > 256: outside the kernel's envelope
-    monkeypatch.setattr(itc_module, "STREAMING_MIN_LOGITS", 4 * 16)
+    at_threshold = make_inputs(8, itc_module.STREAMING_MIN_LOGITS_CPU // 8 - 8, 8)
+    assert _path_of(monkeypatch, at_threshold) == "streaming"  # CPU from 8k logits: streaming, faster there
+    monkeypatch.setattr(itc_module, "STREAMING_MIN_LOGITS", 0)  # the off-CPU threshold does not apply here
+    assert _path_of(monkeypatch, small) == "reference"
+    monkeypatch.setattr(itc_module, "STREAMING_MIN_LOGITS_CPU", 4 * 16)
     assert _path_of(monkeypatch, small) == "streaming"  # CPU, large: the streaming path
     with use_backend("torch"):
         assert _path_of(monkeypatch, small) == "reference"  # ALBEF_KERNELS=torch
@@ -300,7 +304,7 @@ def test_gradient_to_momentum_side_falls_back_to_reference():
 
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_fp32_under_autocast(backend, monkeypatch):
-    monkeypatch.setattr(itc_module, "STREAMING_MIN_LOGITS", 16)  # auto on CPU -> the streaming path
+    monkeypatch.setattr(itc_module, "STREAMING_MIN_LOGITS_CPU", 16)  # auto on CPU -> the streaming path
     inputs = make_inputs(5, 20, 16)
     ref = reference_both(inputs, torch.tensor(0.07), 0.4, torch.ones(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -455,7 +459,7 @@ def test_op_registration_opcheck(path):
 
 def _compile_matches_eager(backend, compiler, monkeypatch, expected_path, streaming_min=None):
     if streaming_min is not None:
-        monkeypatch.setattr(itc_module, "STREAMING_MIN_LOGITS", streaming_min)
+        monkeypatch.setattr(itc_module, "STREAMING_MIN_LOGITS_CPU", streaming_min)
     img, img_m, txt, txt_m, img_q, txt_q = make_inputs(5, 37, 24, seed=8)
 
     def step(img, txt, temp):
