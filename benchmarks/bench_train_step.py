@@ -7,8 +7,10 @@ A step = forward (ViT, text, fusion on 3B ITM pairs, MLM, momentum passes) + bac
 after_step (EMA, enqueue, clamp), on synthetic inputs of the pretraining shapes (captions of 8-25
 tokens). The breakdown times each component alone, on the same inputs, synchronised:
   vision    online ViT forward+backward and momentum ViT forward
-  text      online text layers forward+backward on clean and masked ids, momentum forwards of both
-  fusion    online fusion forward+backward on 3B ITM pairs and on B MLM inputs, momentum MLM forward
+  text      online text layers forward+backward on the clean and masked ids as one batch of 2B, momentum
+            forward of the same (as PretrainTask.forward)
+  fusion    online fusion forward+backward on 4B rows in one call (3B ITM pairs + B MLM inputs, the
+            images' keys/values computed once), momentum MLM forward
   losses    ITC (both directions, one call), hard-negative sampling (both, one draw), ITM head + CE,
             MLM transform + vocabulary loss, fwd+bwd (the calls PretrainTask.forward makes)
   ema       the momentum update (one multi-tensor lerp)
@@ -42,6 +44,7 @@ from albef_fast.train.optim import build_optimizer  # noqa: E402
 from albef_fast.config import OptimConfig  # noqa: E402
 from albef_kernels import enabled, itc_loss_bidirectional, mlm_loss, sample_hard_negatives  # noqa: E402
 from albef_kernels._dispatch import OPS  # noqa: E402
+from albef_kernels.itc_loss import STREAMING_MIN_LOGITS, STREAMING_MIN_LOGITS_CPU  # noqa: E402
 from benchmarks._harness import device_name, git_sha  # noqa: E402
 from albef_fast.task import itm_loss  # noqa: E402
 
@@ -106,12 +109,13 @@ def bench(preset: str, B: int, L: int, device: torch.device, precision: str, war
                 mm.encode_image(batch.image)
         e.float().sum().backward()
 
+    ids2, mask2 = torch.cat([batch.text_ids, batch.mlm_ids]), torch.cat([batch.text_mask] * 2)
+
     def text():
         with amp:
-            e = m.encode_text(batch.text_ids, batch.text_mask) + m.encode_text(batch.mlm_ids, batch.text_mask)
+            e = m.encode_text(ids2, mask2)
             with torch.no_grad():
-                mm.encode_text(batch.text_ids, batch.text_mask)
-                mm.encode_text(batch.mlm_ids, batch.text_mask)
+                mm.encode_text(ids2, mask2)
         e.float().sum().backward()
 
     with torch.no_grad(), amp:
@@ -119,15 +123,18 @@ def bench(preset: str, B: int, L: int, device: torch.device, precision: str, war
         txt = m.encode_text(batch.text_ids, batch.text_mask)
         feats = [m.image_feature(img), mm.image_feature(img), m.text_feature(txt), mm.text_feature(txt)]
         hid = m.fuse(txt, batch.text_mask, img).flatten(0, 1)
-    img3, txt3, mask3 = torch.cat([img] * 3), torch.cat([txt] * 3), torch.cat([batch.text_mask] * 3)
+    txt4, mask4 = torch.cat([txt] * 4), torch.cat([batch.text_mask] * 4)
+    index4 = torch.arange(B, device=device).repeat(4)  # each row's image, as the task gathers them
 
     def fusion():
         with amp:
-            a = m.fuse(txt3, mask3, img3)
-            b = m.fuse(txt, batch.text_mask, img)
+            if task.reuse_image_kv:
+                a = m.fuse(txt4, mask4, image_kv=m.image_kv(img), image_index=index4)
+            else:
+                a = m.fuse(txt4, mask4, img[index4])
             with torch.no_grad():
                 mm.fuse(txt, batch.text_mask, img)
-        (a.float().sum() + b.float().sum()).backward()
+        a.float().sum().backward()
 
     def losses():
         fi, fim, ft, ftm = (f.detach().requires_grad_(i % 2 == 0) for i, f in enumerate(feats))
@@ -196,7 +203,8 @@ def main() -> None:
           f"text length <= {args.text_len}; queue {args.queue_size}; median of {args.repeat} after {args.warmup} warm-up")
     probe = torch.empty(0, device=device)  # which path each fused op takes on this device
     print("kernel paths: " + ", ".join(f"{op}={'triton' if enabled(op, probe) else 'torch'}" for op in OPS)
-          + " (itc_loss also streams on the CPU above 2^22 logits)")
+          + f" (off Triton, itc_loss streams over the queue from {STREAMING_MIN_LOGITS_CPU:,} logits on the CPU,"
+          f" {STREAMING_MIN_LOGITS:,} elsewhere)")
     cols = ["step", "vision", "text", "fusion", "losses", "ema", "optimizer"]
     print(f"{'preset':<12}" + "".join(f"{c + ' ms':>13}" for c in cols) + f"{'samples/s':>11}{'eff. MFU':>10}{'peak GiB':>10}")
     rows = []
