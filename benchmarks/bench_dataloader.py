@@ -90,6 +90,9 @@ def breakdown(samples, backend: str, args) -> list[tuple[str, list[float]]]:
     dali          the DALI stage alone on those batches held in memory (no workers, no prefetch thread)
     dali-no-eq    the same with every Equalize op replaced by Identity (Equalize is a Python operator)
     dali-no-ra    the same with no RandomAugment op (decode, crop-resize, flip, normalise)
+    dali-pipelined  the dali stage on DALI's default asynchronous executor with two batches in flight
+                  (feed + schedule_run, outputs one behind), against the synchronous executor the loader
+                  drives: whether overlapping consecutive batches inside DALI is worth a streaming loader
     The slowest of host and dali bounds the loader; dali vs dali-no-eq / -no-ra prices the ops.
     """
     import dataclasses
@@ -137,11 +140,43 @@ def breakdown(samples, backend: str, args) -> list[tuple[str, list[float]]]:
             return sum(len(e) for e, _ in batches)
         return run
 
+    def pipelined():
+        from albef_fast.data.dali import _build, as_torch, feed
+
+        device_id = torch.cuda.current_device() if backend == "dali" else None
+        streamed = _build(args.batch, args.size, "pretrain", "gpu" if backend == "dali" else "cpu", args.dali_threads,
+                          device_id, args.hw_decoder_load, pipelined=True)
+        depth, started = 2, False  # DALI's first schedule_run runs `depth` iterations, so it needs them fed
+
+        def run() -> int:
+            nonlocal started
+            in_flight, n = 0, 0
+            for b in held:
+                feed(streamed, b.encoded, b.params, "pretrain", args.size)
+                in_flight += 1
+                if not started and in_flight < depth:
+                    continue
+                streamed.schedule_run()
+                started = True
+                if in_flight > depth - 1:
+                    (o,) = streamed.outputs()
+                    n += len(as_torch(o, device_id))
+                    in_flight -= 1
+            for _ in range(in_flight):  # drain: the next call starts with nothing in flight
+                if not started:  # fewer batches than the depth: nothing scheduled yet
+                    break
+                (o,) = streamed.outputs()
+                n += len(as_torch(o, device_id))
+            return n
+        return run
+
     out = [("host", timed(host))]
     print(f"  {backend} stage host: main-process CPU {float(np.median(host_cpu[1:] or host_cpu)):.2f} ms per batch "
           f"(receiving the workers' batches)")
     for name, drop in (("dali", set()), ("dali-no-eq", {"Equalize"}), ("dali-no-ra", None)):
         out.append((name, timed(without(drop))))
+    if len(held) >= 2:
+        out.append(("dali-pipelined", timed(pipelined())))
     return out
 
 
@@ -197,7 +232,7 @@ def main() -> None:
         for backend in [b for b in args.backends if b != "pil"] if args.breakdown else []:
             for stage, rates in breakdown(samples, backend, args):
                 p50 = float(np.median(rates))
-                print(f"  {backend} stage {stage:12s} {p50:8.1f} images/s  (min {rates[0]:.1f}, max {rates[-1]:.1f})")
+                print(f"  {backend} stage {stage:14s} {p50:8.1f} images/s  (min {rates[0]:.1f}, max {rates[-1]:.1f})")
                 rows.append(Row(op="dataloader_stage", provider=f"{backend}:{stage}", mode="pretrain",
                                 metric="throughput", unit="images/s", x_name="workers", x=args.workers, p50=p50,
                                 p20=rates[0], p80=rates[-1], dtype="uint8->fp32",

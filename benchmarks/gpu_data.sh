@@ -19,7 +19,8 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/device_data.txt"
 W=$(( $(nproc) > 8 ? 8 : $(nproc) ))
 # images/s through the loader (pil = baseline, same run) and, with --breakdown, where the DALI time goes
-# (stages alone: host workers, DALI stage, without Equalize, without RandomAugment), with 8 DALI threads
+# (stages alone: host workers, DALI stage, without Equalize, without RandomAugment, and the DALI stage on
+# DALI's asynchronous executor with two batches in flight: dali-pipelined), with 8 DALI threads
 # (nvJPEG's host-side Huffman decoding runs on them; 8 beat 4, 12 and 16 on an H200 in session 4); then
 # the same with every JPEG sent to the hardware decoder (DALI's default sends 65 %)
 python3 benchmarks/bench_dataloader.py --backends pil dali --images 512 --batch 64 --workers "$W" \

@@ -245,7 +245,12 @@ def sample_inputs(params: AugParams, size: int) -> tuple[np.ndarray, np.ndarray,
 
 
 def _build(batch_size: int, size: int, augment: Augment, device: Literal["gpu", "cpu"], num_threads: int,
-           device_id: int | None, hw_decoder_load: float | None = None):
+           device_id: int | None, hw_decoder_load: float | None = None, pipelined: bool = False):
+    """The DALI pipeline, built. pipelined=False: the synchronous executor, one batch at a time (feed, then
+    run), which is what `DaliImagePipeline` drives. pipelined=True: DALI's default (dynamic, asynchronous)
+    executor with two iterations in flight, driven by feed + schedule_run / outputs; only
+    bench_dataloader.py's "dali-pipelined" stage uses it, to measure on a GPU whether overlapping
+    consecutive batches inside DALI is worth a streaming loader."""
     from nvidia.dali import fn, pipeline_def, types
     import nvidia.dali.math as dmath
 
@@ -296,10 +301,13 @@ def _build(batch_size: int, size: int, augment: Augment, device: Literal["gpu", 
         return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
 
     graph = pretrain if augment == "pretrain" else resize_only
-    # Fed synchronously batch by batch (feed_input, then run): the overlap with the training step comes
-    # from the loader's DALI thread (loader.DaliLoader), so the executor needs no look-ahead feeding.
-    pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, exec_pipelined=False,
-                 exec_async=False, prefetch_queue_depth=1)
+    if pipelined:
+        pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch_queue_depth=2)
+    else:
+        # Fed synchronously batch by batch (feed_input, then run): the overlap with the training step
+        # comes from the loader's DALI thread (loader.DaliLoader), so the executor needs no look-ahead.
+        pipe = graph(batch_size=batch_size, num_threads=num_threads, device_id=device_id, exec_pipelined=False,
+                     exec_async=False, prefetch_queue_depth=1)
     pipe.build()
     return pipe
 
@@ -349,29 +357,40 @@ class DaliImagePipeline:
         Returns:
             (B, 3, size, size) float32, CLIP-normalised; on CUDA for device="gpu".
         """
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
         B = len(encoded)
         if not 0 < B <= self.batch_size or len(params) != B:
             raise ValueError(f"need 1..{self.batch_size} images with one params each, got {B} and {len(params)}")
         if self._pipe is None:
             self._pipe = _build(self.batch_size, self.size, self.augment, self.device, self.num_threads,
                                 self.device_id, self.hw_decoder_load)
-        pipe = self._pipe
-        pipe.feed_input("encoded", list(encoded))
-        if self.augment == "pretrain":
-            per_sample = [sample_inputs(p, self.size) for p in params]
-            pipe.feed_input("roi", [s[0] for s in per_sample])
-            pipe.feed_input("flip", [s[1] for s in per_sample])
-            for k in range(RA_NUM_OPS):
-                pipe.feed_input(f"op{k}", [s[2][k] for s in per_sample])
-                pipe.feed_input(f"mat{k}", [s[3][k] for s in per_sample])
-        (out,) = pipe.run()
-        dense = out.as_tensor()  # (B, 3, size, size): every sample has the same shape
-        device = torch.device("cuda", self.device_id) if self.device == "gpu" else torch.device("cpu")
-        result = torch.empty(tuple(dense.shape()), dtype=torch.float32, device=device)
-        if self.device == "gpu":
-            feed_ndarray(dense, result, cuda_stream=torch.cuda.current_stream(device))
-        else:
-            feed_ndarray(dense, result)
-        return result
+        feed(self._pipe, encoded, params, self.augment, self.size)
+        (out,) = self._pipe.run()
+        return as_torch(out, self.device_id if self.device == "gpu" else None)
+
+
+def feed(pipe, encoded: Sequence[np.ndarray], params: Sequence[AugParams | None], augment: Augment,
+         size: int) -> None:
+    """Feed one batch's graph inputs (see `DaliImagePipeline.__call__`) to a pipeline from `_build`."""
+    pipe.feed_input("encoded", list(encoded))
+    if augment == "pretrain":
+        per_sample = [sample_inputs(p, size) for p in params]
+        pipe.feed_input("roi", [s[0] for s in per_sample])
+        pipe.feed_input("flip", [s[1] for s in per_sample])
+        for k in range(RA_NUM_OPS):
+            pipe.feed_input(f"op{k}", [s[2][k] for s in per_sample])
+            pipe.feed_input(f"mat{k}", [s[3][k] for s in per_sample])
+
+
+def as_torch(out, device_id: int | None) -> Tensor:
+    """A pipeline output (B, 3, size, size) copied into a new float32 tensor: on CUDA device `device_id`
+    (ordered on its current stream), or on the CPU for None."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = out.as_tensor()  # every sample has the same shape
+    device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
+    result = torch.empty(tuple(dense.shape()), dtype=torch.float32, device=device)
+    if device_id is None:
+        feed_ndarray(dense, result)
+    else:
+        feed_ndarray(dense, result, cuda_stream=torch.cuda.current_stream(device))
+    return result
