@@ -116,6 +116,9 @@ def load_checkpoint(path: str | Path, task: torch.nn.Module, optimizer: torch.op
         raise CheckpointError(f"checkpoint {path} does not fit this run: {exc}") from exc
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
+        if "fused" in optimizer.defaults:  # the implementation is this run's choice, not saved state: a
+            for group in optimizer.param_groups:  # checkpoint from another device or version keeps its own
+                group["fused"] = optimizer.defaults["fused"]
     if restore_rng:
         restore_rng_state(state["rng"])
     return RunPosition(**state["position"]), state

@@ -51,7 +51,7 @@ def test_param_groups_follow_albef():
 
 def test_cpu_optimizer_is_fused_and_steps_like_the_default():
     """On the CPU build_optimizer takes PyTorch's fused AdamW (6x faster on albef_tiny); three steps
-    with fresh random gradients land where the default for-each AdamW lands, to fp32 rounding."""
+    with fresh random gradients land where the default (single-tensor) AdamW lands, to fp32 rounding."""
     torch.manual_seed(0)
     model = ALBEF(get_preset("albef_tiny"))
     twin = ALBEF(get_preset("albef_tiny"))
@@ -70,4 +70,25 @@ def test_cpu_optimizer_is_fused_and_steps_like_the_default():
         default.step()
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert not torch.equal(p, start[name]), name  # every parameter moved
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_resume_keeps_this_runs_optimizer_implementation(tmp_path):
+    """A checkpoint whose AdamW was not fused (written before the CPU optimizer was, or on a device
+    without the fused kernels) resumes into the fused optimizer with its state, still fused."""
+    from albef_fast.task import PretrainTask
+    from albef_fast.train.checkpoint import RunPosition, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    task = PretrainTask(ALBEF(get_preset("albef_tiny")), queue_size=8)
+    cfg = OptimConfig()
+    old = torch.optim.AdamW(param_groups(task.model, cfg.weight_decay), lr=cfg.lr)  # fused=None
+    for p in task.model.parameters():
+        p.grad = torch.randn_like(p)
+    old.step()
+    path = save_checkpoint(tmp_path, task, old, RunPosition(step=1, epoch=0, batch=1), {})
+    new = build_optimizer(task.model, cfg)
+    load_checkpoint(path, task, new, restore_rng=False)
+    assert all(g["fused"] is True for g in new.param_groups)
+    saved = old.state_dict()["state"]
+    assert all(torch.equal(new.state_dict()["state"][k]["exp_avg"], v["exp_avg"]) for k, v in saved.items())
