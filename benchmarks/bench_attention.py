@@ -7,10 +7,11 @@ and of the fusion stack with and without the reuse of the image's cross-attentio
 
 Parts (each a forward + backward of fresh leaves, synchronised):
   vit          the online ViT (all blocks), image (B, 3, S, S) -> tokens, backward of a random cotangent
-  fusion       the online fusion passes of one step: the 3B ITM pairs (positive, hard-negative image per
-               text, hard-negative text per image) and the B MLM inputs, over image tokens (B, 1+P, Dv)
-               and text-encoder outputs (B, L, D) as leaves. `plain`: every pass projects its own
-               (gathered) images to keys/values; `reuse`: keys/values once per layer, gathered by index.
+  fusion       the online fusion call of one step, as PretrainTask.forward makes it: 4B rows, the 3B
+               ITM pairs (positive, hard-negative image per text, hard-negative text per image) and the
+               B MLM inputs, over image tokens (B, 1+P, Dv) and text-encoder outputs (B, L, D) as leaves.
+               `plain`: every row projects its own (gathered) image to keys/values; `reuse`: keys/values
+               once per layer for the B images, gathered by index for the 4B rows.
 Backends: math, sdpa, torch_flash (CUDA), flash_attn (CUDA, when installed). Captions have 8-25 tokens.
 On the CPU the comparison uses CPU time (process_time, all threads), which other jobs on a shared
 machine disturb far less than wall time; wall-time quantiles are recorded too. "saved" is the exact
@@ -65,21 +66,18 @@ def vit_forward(model, image):
 def fusion_forward(model, tokens, text, mask, neg_image, neg_text, reuse: bool):
     B = mask.shape[0]
     ar = torch.arange(B, device=mask.device)
-    index = torch.cat([ar, neg_image, ar])
+    index = torch.cat([ar, neg_image, ar, ar])
 
     def forward():
         img = tokens.detach().requires_grad_()
         txt = text.detach().requires_grad_()
-        texts = torch.cat([txt, txt, txt[neg_text]])
-        masks = torch.cat([mask, mask, mask[neg_text]])
+        texts = torch.cat([txt, txt, txt[neg_text], txt])  # ITM pairs, then the MLM inputs
+        masks = torch.cat([mask, mask, mask[neg_text], mask])
         if reuse:
-            kv = model.image_kv(img)
-            itm = model.fuse(texts, masks, image_kv=kv, image_index=index)
-            mlm = model.fuse(txt, mask, image_kv=kv)
+            out = model.fuse(texts, masks, image_kv=model.image_kv(img), image_index=index)
         else:
-            itm = model.fuse(texts, masks, img[index])
-            mlm = model.fuse(txt, mask, img)
-        return itm[:, 0].float().square().mean() + mlm.float().square().mean()
+            out = model.fuse(texts, masks, img[index])
+        return out[: 3 * B, 0].float().square().mean() + out[3 * B :].float().square().mean()
     return forward
 
 

@@ -3,9 +3,9 @@
     python benchmarks/bench_train_step.py                          # CPU: albef_tiny and albef_base at batch 2, fp32
     python benchmarks/bench_train_step.py --preset albef_base --batch 64 --precision bf16   # one GPU
 
-A step = forward (ViT, text, fusion on 3B ITM pairs, MLM, momentum passes) + backward + AdamW +
-after_step (EMA, enqueue, clamp), on synthetic inputs of the pretraining shapes (captions of 8-25
-tokens). The breakdown times each component alone, on the same inputs, synchronised:
+A step = forward (ViT, text on 2B rows, fusion on 4B rows: 3B ITM pairs + MLM, momentum passes) +
+backward + AdamW + after_step (EMA, enqueue, clamp), on synthetic inputs of the pretraining shapes
+(captions of 8-25 tokens). The breakdown times each component alone, on the same inputs, synchronised:
   vision    online ViT forward+backward and momentum ViT forward
   text      online text layers forward+backward on the clean and masked ids as one batch of 2B, momentum
             forward of the same (as PretrainTask.forward)

@@ -133,7 +133,7 @@ def itc_loss_reference(
     return loss, sim[:, :B].detach()
 
 
-# --- streaming PyTorch path: the same identity, chunked over the keys (the CPU path; elsewhere a fallback) 
+# --- streaming PyTorch path: the same identity, chunked over the keys (the CPU path; elsewhere a fallback)
 Direction = tuple[Tensor, Tensor, Tensor, Tensor]  # (q, q_m, keys_m, queue) of one direction
 
 

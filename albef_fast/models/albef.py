@@ -61,7 +61,7 @@ class ALBEF(nn.Module):
     # --- multimodal ------------------------------------------------------------------------------
     def image_kv(self, image_embeds: Tensor) -> list[Tensor]:
         """(B, 1 + P, vision_width) -> per fusion layer the (B, 1 + P, 2 * hidden) cross-attention keys
-        and values, to compute once and share between fusion passes over the same images."""
+        and values, to compute once and share between the rows (`image_index`) or calls of `fuse`."""
         return self.fusion_encoder.image_kv(image_embeds)
 
     def fuse(self, text_embeds: Tensor, mask: Tensor, image_embeds: Tensor | None = None, *,

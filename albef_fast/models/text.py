@@ -19,8 +19,9 @@ and the output is padded back with zeros at the padded positions (which nothing 
 
 The fusion encoder's cross-attention keys/values depend only on the image and the layer's `kv`
 weights, so `FusionEncoder.image_kv(image)` computes them once per layer and `forward(...,
-image_kv=..., image_index=...)` reuses them (gathered by image index) across fusion passes over the
-same images: exact, as there is no dropout between the image tokens and the kv projection.
+image_kv=..., image_index=...)` reuses them, gathered by image index, for every row of a call (the
+task's 4B ITM + MLM rows) or across calls over the same images: exact, as there is no dropout between
+the image tokens and the kv projection.
 
 The cross-attention keys are centred over the image tokens (`CrossAttention.image_kv`): exact (a key
 shared by all tokens adds the same score to every key of a query, which softmax ignores, and its
