@@ -12,7 +12,8 @@ backward and an AdamW step. Ours: PretrainTask forward, backward, the training l
 clamp), with the default CPU paths (`kernels.backend=auto`, attention auto = SDPA on the CPU). Both
 sides start from the same weights and queue (converted by our converter), take the same images,
 captions and MLM mask, run in eval mode (dropout off on both) with the same number of threads, and
-time steps after one warm-up step. p50/p20/p80 over the timed steps; rows appended to
+time steps after one warm-up step. Then one AdamW step alone, ours (fused) against PyTorch's default
+(the reference's), on the same parameters. p50/p20/p80 over the timed steps; rows appended to
 benchmarks/results/reference_step.csv.
 """
 
@@ -33,7 +34,7 @@ from benchmarks._harness import Row, append_rows, device_name, quantiles_ms  # n
 
 from albef_fast.config import OptimConfig  # noqa: E402
 from albef_fast.parity.harness import make_case, reference_inputs, run_reference  # noqa: E402
-from albef_fast.train.optim import build_optimizer  # noqa: E402
+from albef_fast.train.optim import build_optimizer, param_groups  # noqa: E402
 
 
 def time_ours(case, steps: int) -> list[float]:
@@ -49,6 +50,25 @@ def time_ours(case, steps: int) -> list[float]:
         task.after_step(out)
         if i:
             seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def time_optimizer_steps(case, steps: int) -> dict[str, list[float]]:
+    """One AdamW step alone on fresh random gradients: ours (fused) and PyTorch's default (the
+    reference's), same parameters and groups, so the step's optimizer share can be read off."""
+    params = [p for p in case.task.model.parameters() if p.requires_grad]
+    groups = param_groups(case.task.model, 0.02)
+    optimizers = {"AdamW fused (ours)": build_optimizer(case.task.model, OptimConfig(lr=1e-4, weight_decay=0.02)),
+                  "AdamW default": torch.optim.AdamW(groups, lr=1e-4)}
+    seconds: dict[str, list[float]] = {name: [] for name in optimizers}
+    for i in range(steps + 1):  # the first is a warm-up
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        for name, opt in optimizers.items():
+            t0 = time.perf_counter()
+            opt.step()
+            if i:
+                seconds[name].append(time.perf_counter() - t0)
     return seconds
 
 
@@ -79,6 +99,11 @@ def main() -> None:
                         "fp32", shape, gpu=machine))
     ratio = statistics.median(ours) / statistics.median(ref["step_seconds"])
     print(f"albef-fast / reference = {ratio:.2f}x the time (target <= 0.5x)")
+    for name, seconds in time_optimizer_steps(case, args.steps).items():  # after the steps: weights moved
+        p50, p20, p80 = quantiles_ms([1e3 * s for s in seconds])
+        print(f"{name:24s} {p50:9.1f} ms/step  (p20 {p20:.1f}, p80 {p80:.1f}), the optimizer step alone")
+        rows.append(Row("optimizer_step", name, "step", "time", "ms", "batch", args.batch, p50, p20, p80,
+                        "fp32", shape, gpu=machine))
     append_rows(args.csv, rows)
 
 

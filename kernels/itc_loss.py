@@ -92,9 +92,9 @@ STREAMING_MIN_LOGITS_CPU = 1 << 13
 """The same on the CPU, where streaming is also the faster path: it reads each queue once (a chunk is
 reused from cache for its second product) and computes the gradients in the forward, where the reference
 copies the queue into [keys; queue] and reads it three times (two products forward, one backward).
-Dev CPU, 2 threads, fwd+bwd of both directions, median of 7 (session 6): D=64: B=8, Q=65,536
-26.7 -> 18.7 ms, B=32 54-64 -> 34-36 ms, B=8, Q=4,096 2.9 -> 1.9 ms; D=256, B=8, Q=65,536 149 -> 45 ms.
-Below ~8k logits the two are equal within noise (B=8, Q=256: 0.6 ms each)."""
+Dev CPU, 2 threads, fwd+bwd of both directions, Q=65,536 (bench_itc_loss.py --cpu-memory --cpu-batch B
+--dim D --cpu-rep 7): B=8, D=64 25.6 -> 17.6 ms; B=32, D=64 52.4 -> 28.7 ms; B=8, D=256 106.0 -> 36.8 ms.
+Below ~8k logits the two were equal within noise in an ad-hoc sweep (B=8, Q=256: 0.6 ms each)."""
 STREAMING_CHUNK = 2048
 """Keys per step of the streaming path: (2B, chunk) fp32 temporaries, 4 MiB at B = 256."""
 MAX_TRITON_DIM = 256
